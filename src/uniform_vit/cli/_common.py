@@ -1,0 +1,71 @@
+"""Helpers shared by the commands: model-name checks with suggestions, threads, tables."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+
+from ..errors import UserError
+
+
+def all_model_names() -> list[str]:
+    import timm
+
+    import uniform_vit  # noqa: F401  (registers uniform_*)
+
+    return timm.list_models()
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` if timm knows it, else raise UserError with the closest names."""
+    names = all_model_names()
+    if name in names:
+        return name
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ''
+    raise UserError(f"unknown model {name!r}{hint}")
+
+
+def expand_models(spec: str) -> list[str]:
+    """Comma list of names or glob patterns ('uniform_*,efficientvit_m0') -> names, order kept, each checked."""
+    out: list[str] = []
+    names = None
+    for part in (p.strip() for p in spec.split(',')):
+        if not part:
+            continue
+        if any(c in part for c in '*?['):
+            names = names or all_model_names()
+            hits = [n for n in names if fnmatch.fnmatch(n, part)]
+            if not hits:
+                raise UserError(f"pattern {part!r} matches no model")
+            out += [h for h in hits if h not in out]
+        elif part not in out:
+            out.append(check_model_name(part))
+    if not out:
+        raise UserError("no models given")
+    return out
+
+
+def positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]], title: str | None = None) -> None:
+    """Print rows as a table for people. ``columns``: (key, header) pairs; values are shown as given."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, header_style='bold')
+    for _, header in columns:
+        table.add_column(header, justify='right' if header not in ('model', 'source') else 'left')
+    for r in rows:
+        table.add_row(*('' if r.get(k) is None else str(r.get(k)) for k, _ in columns))
+    Console(width=max(120, Console().width)).print(table)

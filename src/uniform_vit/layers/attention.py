@@ -1,0 +1,270 @@
+"""Reuse Attention (UniForm) and the attention kinds it is compared with inside the same network.
+
+Shapes: x is (B, C, H, W) with H, W <= the window size (``WindowAttention`` partitions larger maps); N = H*W.
+
+Reuse Attention, as in the official code (seulkiyeom/mixtransform, ``CascadedGroupAttention`` in ``MixViT``)::
+
+    q, k  = split(Conv1x1+BN(C -> C/2)(x))        # two (B, C/4, H, W) tensors, shared by all heads
+    q     = DWConv7x7+BN(q)
+    A     = softmax(q^T k * 16^-0.5 + bias)       # ONE (B, N, N) map per window: the shared map
+    v_i   = DWConv_{k_i}(x_i), k_i = (1,3,5,7)[i] # x split into h channel groups, no value projection
+    out   = Conv1x1+BN(ReLU(concat_i(v_i A^T)))   # all heads in one (B, C, N) @ (B, N, N)^T matmul
+
+The relative position bias is one table indexed by (|dy|, |dx|) inside the window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .conv import ConvNorm
+
+ATTENTION_KINDS: dict[str, type[nn.Module]] = {}
+
+
+def register_attention(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Register an attention kind usable as ``create_model(..., attn_type=name)``."""
+
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        ATTENTION_KINDS[name] = cls
+        return cls
+
+    return deco
+
+
+def create_attention(kind: str, dim: int, num_heads: int, **kwargs) -> nn.Module:
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"unknown attn_type {kind!r}; choose one of {sorted(ATTENTION_KINDS)}")
+    return ATTENTION_KINDS[kind](dim, num_heads, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the shared-map core
+
+
+def reuse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                    impl: str = 'eager') -> torch.Tensor:
+    """One softmax map from narrow q/k applied to every head's values at once.
+
+    q, k: (B, Cq, N); v: (B, C, N); bias: (N, N) or None. Returns (B, C, N).
+
+    ``impl='eager'`` materialises the (B, N, N) map; ``'sdpa'`` hands the same computation to PyTorch's fused
+    ``scaled_dot_product_attention`` as ONE head with a Cq-wide q/k and a C-wide value.
+    """
+    if impl == 'sdpa':
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1), v.transpose(1, 2).unsqueeze(1),
+            attn_mask=bias, scale=scale)  # (B, 1, N, C)
+        return out.squeeze(1).transpose(1, 2)
+    B, _, N = q.shape
+    qt = q.transpose(1, 2)  # (B, N, Cq)
+    if bias is None:
+        attn = torch.bmm(qt, k).mul_(scale)
+    else:
+        attn = torch.baddbmm(bias.expand(B, N, N), qt, k, alpha=scale)  # (B, N, N): the shared map
+    attn = attn.softmax(dim=-1)
+    return torch.bmm(v, attn.transpose(1, 2))  # (B, C, N): every head in one matmul
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# relative position bias, one table (or one per head) indexed by (|dy|, |dx|) inside a window
+
+
+class RelPosBias(nn.Module):
+    """Learned bias table of shape (tables, window*window), gathered into (tables, N, N) for an h x w window."""
+
+    def __init__(self, window_size: int, tables: int = 1):
+        super().__init__()
+        self.window_size = window_size
+        self.attention_biases = nn.Parameter(torch.zeros(tables, window_size * window_size))
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing='ij')
+        ys, xs = ys.flatten(), xs.flatten()
+        return (ys[:, None] - ys[None, :]).abs() * self.window_size + (xs[:, None] - xs[None, :]).abs()  # (N, N)
+
+    def forward(self, h: int, w: int) -> torch.Tensor:
+        table = self.attention_biases
+        if self.training or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return table[:, self.index(h, w, table.device)]
+        key = (h, w, table.device, table.dtype)
+        if key not in self._cache:
+            self._cache[key] = table[:, self.index(h, w, table.device)].detach()
+        return self._cache[key]
+
+    def train(self, mode: bool = True):
+        self._cache.clear()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reuse Attention
+
+
+def _head_splits(dim: int, num_heads: int, kernels: Sequence[int]) -> list[int]:
+    if dim % num_heads:
+        raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    if num_heads > len(kernels):
+        raise ValueError(f"num_heads {num_heads} needs {num_heads} value kernels, got {tuple(kernels)}")
+    return [dim // num_heads] * num_heads
+
+
+@register_attention('reuse')
+class ReuseAttention(nn.Module):
+    """UniForm's Reuse Attention for one window (train form). ``fuse()`` returns :class:`ReuseAttentionDeploy`."""
+
+    def __init__(self, dim: int, num_heads: int = 4, key_dim: int = 16, window_size: int = 7,
+                 kernels: Sequence[int] = (1, 3, 5, 7), q_kernel: int = 7, impl: str = 'eager'):
+        super().__init__()
+        self.dim, self.num_heads, self.impl = dim, num_heads, impl
+        self.qk_dim = dim // 4
+        self.scale = key_dim ** -0.5
+        self.kernels = tuple(kernels[:num_heads])
+        self.splits = _head_splits(dim, num_heads, kernels)
+        self.qk = ConvNorm(dim, 2 * self.qk_dim)
+        self.q_dw = ConvNorm(self.qk_dim, self.qk_dim, q_kernel, groups=self.qk_dim)
+        # per-head value: depthwise conv of its own channel slice, kernel k_i, with bias, no BN, no projection
+        self.v_convs = nn.ModuleList(
+            nn.Conv2d(c, c, k, padding=k // 2, groups=c) for c, k in zip(self.splits, self.kernels))
+        self.proj = nn.Sequential(nn.ReLU(), ConvNorm(dim, dim, bn_weight_init=0.0))
+        self.rel_bias = RelPosBias(window_size, tables=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k = self.qk(x).split([self.qk_dim, self.qk_dim], dim=1)  # (B, C/4, H, W) x 2
+        q = self.q_dw(q)
+        v = torch.cat([conv(xi) for conv, xi in zip(self.v_convs, x.split(self.splits, dim=1))], dim=1)  # (B, C, H, W)
+        out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.rel_bias(H, W)[0], self.scale, self.impl)
+        return self.proj(out.view(B, C, H, W))
+
+    @torch.no_grad()
+    def fuse(self) -> ReuseAttentionDeploy:
+        return ReuseAttentionDeploy.from_train(self)
+
+
+class ReuseAttentionDeploy(nn.Module):
+    """Deploy form: BN folded into the convs and the h value convs merged into ONE depthwise conv (smaller kernels
+    zero-padded to the largest), so values cost one conv call instead of h."""
+
+    def __init__(self, dim: int, qk_dim: int, v_kernel: int, q_kernel: int, window_size: int, scale: float,
+                 impl: str = 'eager'):
+        super().__init__()
+        self.dim, self.qk_dim, self.scale, self.impl = dim, qk_dim, scale, impl
+        self.qk = nn.Conv2d(dim, 2 * qk_dim, 1)
+        self.q_dw = nn.Conv2d(qk_dim, qk_dim, q_kernel, padding=q_kernel // 2, groups=qk_dim)
+        self.v_conv = nn.Conv2d(dim, dim, v_kernel, padding=v_kernel // 2, groups=dim)
+        self.proj = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, dim, 1))
+        self.rel_bias = RelPosBias(window_size, tables=1)
+
+    @classmethod
+    @torch.no_grad()
+    def from_train(cls, m: ReuseAttention) -> ReuseAttentionDeploy:
+        kmax = max(m.kernels)
+        q_conv = m.q_dw.fuse()
+        p = next(m.parameters())
+        d = cls(m.dim, m.qk_dim, kmax, q_conv.kernel_size[0], m.rel_bias.window_size, m.scale, m.impl)
+        d = d.to(device=p.device, dtype=p.dtype)
+        d.qk.load_state_dict(m.qk.fuse().state_dict())
+        d.q_dw.load_state_dict(q_conv.state_dict())
+        d.proj[1].load_state_dict(m.proj[1].fuse().state_dict())
+        d.rel_bias.attention_biases.copy_(m.rel_bias.attention_biases)
+        d.v_conv.weight.zero_()
+        start = 0
+        for conv, c, k in zip(m.v_convs, m.splits, m.kernels):
+            off = (kmax - k) // 2
+            d.v_conv.weight[start:start + c, :, off:off + k, off:off + k] = conv.weight
+            d.v_conv.bias[start:start + c] = conv.bias
+            start += c
+        return d.train(m.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k = self.qk(x).split([self.qk_dim, self.qk_dim], dim=1)
+        q = self.q_dw(q)
+        v = self.v_conv(x)
+        out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.rel_bias(H, W)[0], self.scale, self.impl)
+        return self.proj(out.view(B, C, H, W))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the paper's ablation: the same network with standard multi-head attention
+
+
+@register_attention('mha')
+class MultiHeadAttention(nn.Module):
+    """Standard multi-head attention ("UniForm without Reuse Attention"): each head has its own Q/K/V projection
+    (key dim ``key_dim``, value dim C/h) and its own (N, N) softmax map and bias table."""
+
+    def __init__(self, dim: int, num_heads: int = 4, key_dim: int = 16, window_size: int = 7,
+                 kernels: Sequence[int] = (1, 3, 5, 7), impl: str = 'eager', **_: object):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.key_dim, self.impl = dim, num_heads, key_dim, impl
+        self.v_dim = dim // num_heads
+        self.scale = key_dim ** -0.5
+        self.qkv = ConvNorm(dim, num_heads * (2 * key_dim + self.v_dim))
+        self.proj = nn.Sequential(nn.ReLU(), ConvNorm(dim, dim, bn_weight_init=0.0))
+        self.rel_bias = RelPosBias(window_size, tables=num_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        N, h = H * W, self.num_heads
+        q, k, v = self.qkv(x).view(B, h, -1, N).split([self.key_dim, self.key_dim, self.v_dim], dim=2)
+        bias = self.rel_bias(H, W)  # (h, N, N)
+        if self.impl == 'sdpa':
+            out = F.scaled_dot_product_attention(q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1),
+                                                 attn_mask=bias, scale=self.scale).transpose(-2, -1)
+        else:
+            attn = (q.transpose(-2, -1) @ k) * self.scale + bias  # (B, h, N, N): one map per head
+            out = v @ attn.softmax(dim=-1).transpose(-2, -1)  # (B, h, C/h, N)
+        return self.proj(out.reshape(B, C, H, W))
+
+    def fuse(self) -> nn.Module:
+        from .fuse import fuse_children
+
+        return fuse_children(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class WindowAttention(nn.Module):
+    """Runs ``attn`` on non-overlapping ``window_size`` windows. Maps not a multiple of the window are zero-padded
+    at the bottom/right and cropped back; maps that fit in one window are attended as a whole (official code)."""
+
+    def __init__(self, attn: nn.Module, window_size: int = 7):
+        super().__init__()
+        self.attn = attn
+        self.window_size = window_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        ws = self.window_size
+        if ws >= H and ws >= W:
+            return self.attn(x)
+        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, pad_r, 0, pad_b))
+        nh, nw = (H + pad_b) // ws, (W + pad_r) // ws
+        # (B, C, nh*ws, nw*ws) -> (B*nh*nw, C, ws, ws)
+        x = x.view(B, C, nh, ws, nw, ws).permute(0, 2, 4, 1, 3, 5).reshape(B * nh * nw, C, ws, ws)
+        x = self.attn(x)
+        # (B*nh*nw, C, ws, ws) -> (B, C, nh*ws, nw*ws)
+        x = x.view(B, nh, nw, C, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(B, C, nh * ws, nw * ws)
+        if pad_b or pad_r:
+            x = x[:, :, :H, :W].contiguous()
+        return x
+
+    def fuse(self) -> WindowAttention:
+        attn = self.attn.fuse() if hasattr(self.attn, 'fuse') else self.attn
+        return WindowAttention(attn, self.window_size)

@@ -1,0 +1,1 @@
+"""One model family per file. ``uniform.py``: UniForm-T/S/M/L."""

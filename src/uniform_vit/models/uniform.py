@@ -1,0 +1,299 @@
+"""UniForm: Reuse Attention for efficient transformers on resource-constrained edge devices.
+
+Paper: Yeom & Kim, "UniForm: A Reuse Attention Mechanism for Efficient Transformers on Resource-Constrained Edge
+Devices", arXiv 2412.02344. Official code: https://github.com/seulkiyeom/mixtransform (``MixViT``).
+
+A three-stage hierarchical network on EfficientViT-M's skeleton::
+
+    stem (4 x Conv3x3 s2 + BN, ReLU between)                 (B, E0, H/16, W/16)
+    stage 0: depth[0] x Block                                 (B, E0, H/16, W/16)
+    stage 1: Downsample -> depth[1] x Block                   (B, E1, H/32, W/32)
+    stage 2: Downsample -> depth[2] x Block                   (B, E2, H/64, W/64)
+    head: global average pool -> BatchNorm1d -> Linear
+
+    Block      = Res(DW3x3) -> Res(FFN) -> Res(WindowAttention(ReuseAttention)) -> Res(DW3x3) -> Res(FFN)
+    Downsample = Res(DW3x3) -> Res(FFN) -> PatchMerging -> Res(DW3x3) -> Res(FFN)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from timm.layers import SqueezeExcite, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..layers.attention import WindowAttention, create_attention
+from ..layers.conv import FFN, BNLinear, ConvNorm, Residual
+from ..layers.fuse import fuse_children, fuse_inplace
+
+__all__ = ['UniForm', 'UniFormConfig']
+
+
+@dataclass(frozen=True)
+class UniFormConfig:
+    """What a UniForm variant is. Key dim 16, 7x7 windows and value kernels (1, 3, 5, 7) for every variant."""
+
+    embed_dim: tuple[int, int, int] = (64, 128, 192)  # channels E of the three stages
+    depth: tuple[int, int, int] = (1, 2, 2)  # sandwich blocks per stage
+    num_heads: tuple[int, int, int] = (4, 4, 4)  # value groups (heads) sharing one attention map
+    key_dim: int = 16  # sets the softmax scale 16^-0.5
+    window_size: int = 7
+    kernels: tuple[int, ...] = field(default=(1, 3, 5, 7))  # depthwise kernel of head i's value
+    mlp_ratio: float = 2.0
+
+
+VARIANTS: dict[str, UniFormConfig] = {
+    'uniform_t': UniFormConfig((64, 128, 192), (1, 2, 2), (4, 4, 4)),
+    'uniform_s': UniFormConfig((128, 144, 192), (1, 2, 2), (4, 4, 4)),
+    'uniform_m': UniFormConfig((128, 240, 320), (1, 2, 3), (4, 3, 4)),
+    'uniform_l': UniFormConfig((192, 288, 384), (1, 2, 3), (3, 3, 4)),
+}
+
+
+class Stem(nn.Sequential):
+    """16x patch embedding: 4 x (Conv3x3 stride 2 + BN), ReLU between; E/8 -> E/4 -> E/2 -> E channels."""
+
+    def __init__(self, in_chans: int, dim: int):
+        chs = [in_chans, dim // 8, dim // 4, dim // 2, dim]
+        layers: list[nn.Module] = []
+        for i in range(4):
+            layers.append(ConvNorm(chs[i], chs[i + 1], 3, stride=2, padding=1))
+            if i < 3:
+                layers.append(nn.ReLU())
+        super().__init__(*layers)
+
+    def fuse(self) -> nn.Module:
+        return fuse_children(self)
+
+
+class PatchMerging(nn.Module):
+    """Conv1x1+BN (E -> 4E) -> ReLU -> DWConv3x3 s2 + BN -> ReLU -> Squeeze-Excite(1/4) -> Conv1x1+BN (4E -> E')."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        hid = dim * 4
+        self.conv1 = ConvNorm(dim, hid, 1)
+        self.act1 = nn.ReLU()
+        self.conv2 = ConvNorm(hid, hid, 3, stride=2, padding=1, groups=hid)
+        self.act2 = nn.ReLU()
+        self.se = SqueezeExcite(hid, 0.25)
+        self.conv3 = ConvNorm(hid, out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.se(self.act2(self.conv2(self.act1(self.conv1(x))))))
+
+    def fuse(self) -> nn.Module:
+        return fuse_children(self)
+
+
+def _dw_ffn(dim: int, mlp_ratio: float, dw_bn_init: float, dpr: float) -> list[nn.Module]:
+    return [Residual(ConvNorm(dim, dim, 3, padding=1, groups=dim, bn_weight_init=dw_bn_init), dpr),
+            Residual(FFN(dim, int(dim * mlp_ratio)), dpr)]
+
+
+class Block(nn.Sequential):
+    """The DWConv-FFN-attention-DWConv-FFN sandwich, every part residual."""
+
+    def __init__(self, dim: int, num_heads: int, cfg: UniFormConfig, attn_type: str = 'reuse', drop_path: float = 0.0,
+                 attn_kwargs: dict | None = None):
+        attn = create_attention(attn_type, dim, num_heads, key_dim=cfg.key_dim, window_size=cfg.window_size,
+                                kernels=cfg.kernels, **(attn_kwargs or {}))
+        super().__init__(
+            *_dw_ffn(dim, cfg.mlp_ratio, 0.0, drop_path),
+            Residual(WindowAttention(attn, cfg.window_size), drop_path),
+            *_dw_ffn(dim, cfg.mlp_ratio, 0.0, drop_path),
+        )
+
+    def fuse(self) -> nn.Module:
+        return fuse_children(self)
+
+
+class Downsample(nn.Sequential):
+    def __init__(self, dim: int, out_dim: int, mlp_ratio: float, drop_path: float = 0.0):
+        super().__init__(*_dw_ffn(dim, mlp_ratio, 1.0, drop_path), PatchMerging(dim, out_dim),
+                         *_dw_ffn(out_dim, mlp_ratio, 1.0, drop_path))
+
+    def fuse(self) -> nn.Module:
+        return fuse_children(self)
+
+
+class Stage(nn.Module):
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, cfg: UniFormConfig, attn_type: str,
+                 dprs: Sequence[float], downsample: bool, attn_kwargs: dict | None = None):
+        super().__init__()
+        self.downsample = Downsample(in_dim, dim, cfg.mlp_ratio) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, cfg, attn_type, dprs[i], attn_kwargs)
+                                      for i in range(depth)])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            from timm.models._manipulate import checkpoint_seq
+
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class UniForm(nn.Module):
+    """UniForm network; follows timm's model contract (features, heads, intermediates, fuse)."""
+
+    def __init__(self, cfg: UniFormConfig = UniFormConfig(), in_chans: int = 3, num_classes: int = 1000,
+                 global_pool: str = 'avg', drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 attn_type: str = 'reuse', attn_kwargs: dict | None = None, img_size: int | Sequence[int] = 224,
+                 deploy: bool = False, **kwargs):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"UniForm got unexpected arguments: {sorted(kwargs)}")
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.attn_type = attn_type
+        self.img_size = img_size  # informational: any size >= 32 px (non-square too) runs
+        self.grad_checkpointing = False
+
+        self.patch_embed = Stem(in_chans, cfg.embed_dim[0])
+        dpr = torch.linspace(0, drop_path_rate, sum(cfg.depth)).tolist()
+        stages, self.feature_info = [], []
+        prev, stride, start = cfg.embed_dim[0], 16, 0
+        for i, (dim, depth, heads) in enumerate(zip(cfg.embed_dim, cfg.depth, cfg.num_heads)):
+            if i > 0:
+                stride *= 2
+            stage = Stage(prev, dim, depth, heads, cfg, attn_type, dpr[start:start + depth], i > 0, attn_kwargs)
+            stages.append(stage)
+            self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f'stages.{i}'))
+            prev, start = dim, start + depth
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = cfg.embed_dim[-1]
+        self.head = BNLinear(self.num_features, num_classes, drop_rate) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        if deploy:
+            self._deploy_inplace()
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def _deploy_inplace(self) -> None:
+        """Build directly in deploy form (Apple MobileOne's constructor flag), so fused checkpoints load."""
+        self.eval()
+        fuse_inplace(self)
+
+    # ---- timm contract ---------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if 'attention_biases' in n}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r'^patch_embed', blocks=r'^stages\.(\d+)' if coarse else [
+            (r'^stages\.(\d+)\.downsample', (0,)), (r'^stages\.(\d+)\.blocks\.(\d+)', None)])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.linear if isinstance(self.head, BNLinear) else self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        p = next(self.parameters())
+        head = BNLinear(self.num_features, num_classes, self.drop_rate) if num_classes > 0 else nn.Identity()
+        self.head = head.to(device=p.device, dtype=p.dtype)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False):
+        """Features after each stage (NCHW), optionally with the final unpooled features."""
+        if output_fmt != 'NCHW':
+            raise ValueError('UniForm only supports output_fmt="NCHW"')
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        x = self.patch_embed(x)
+        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.patch_embed(x))  # (B, E2, H/64, W/64)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean((2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ---- timm registration ------------------------------------------------------------------------------------------
+
+def _cfg(**kwargs) -> dict:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (4, 4),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': 'patch_embed.0.c', 'classifier': 'head.linear', 'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2412.02344', 'paper_name': 'UniForm: A Reuse Attention Mechanism for Efficient '
+        'Transformers on Resource-Constrained Edge Devices', 'origin_url': 'https://github.com/seulkiyeom/mixtransform',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
+
+
+def _create_uniform(variant: str, pretrained: bool = False, **kwargs) -> UniForm:
+    if pretrained:
+        raise RuntimeError(f"no pretrained ImageNet weights are published for {variant}; load your own with "
+                           "uniform_vit.load_checkpoint (pretrained_cfg_overlay=dict(file=...) also works)")
+    out_indices = kwargs.pop('out_indices', (0, 1, 2))
+    return build_model_with_cfg(
+        UniForm, variant, pretrained, cfg=VARIANTS[variant],
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **kwargs)
+
+
+@register_model
+def uniform_t(pretrained: bool = False, **kwargs) -> UniForm:
+    return _create_uniform('uniform_t', pretrained, **kwargs)
+
+
+@register_model
+def uniform_s(pretrained: bool = False, **kwargs) -> UniForm:
+    return _create_uniform('uniform_s', pretrained, **kwargs)
+
+
+@register_model
+def uniform_m(pretrained: bool = False, **kwargs) -> UniForm:
+    return _create_uniform('uniform_m', pretrained, **kwargs)
+
+
+@register_model
+def uniform_l(pretrained: bool = False, **kwargs) -> UniForm:
+    return _create_uniform('uniform_l', pretrained, **kwargs)
