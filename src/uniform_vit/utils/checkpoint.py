@@ -124,8 +124,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, reset_head: bool 
     if body_problems:
         ck_name = meta.get('model', 'another architecture')
         first = body_problems[0]
-        detail = (f"{first}: checkpoint {tuple(state[first].shape)} vs model {tuple(own[first].shape)}"
-                  if first in shape_bad else f"{first} {'missing from checkpoint' if first in missing else 'unexpected'}")
+        if first in shape_bad:
+            detail = f"{first}: checkpoint {tuple(state[first].shape)} vs model {tuple(own[first].shape)}"
+        else:
+            detail = f"{first} {'missing from checkpoint' if first in missing else 'unexpected'}"
         raise CheckpointError(f"{path} does not fit {name} (it looks like {ck_name}): {len(missing)} missing, "
                               f"{len(unexpected)} unexpected, {len(shape_bad)} mis-shaped tensors; first: {detail}")
     head_bad = [k for k in head if k in shape_bad or k in missing]
