@@ -1,0 +1,134 @@
+"""Reuse Attention against a deliberately naive reference: per-head loop, explicit softmax, explicit windows."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import randomize_bn
+from uniform_vit.layers.attention import (
+    MultiHeadAttention,
+    ReuseAttention,
+    WindowAttention,
+    reuse_attention,
+)
+
+
+def _bn(x, bn):
+    return (x - bn.running_mean[None, :, None, None]) / torch.sqrt(bn.running_var[None, :, None, None] + bn.eps) \
+        * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+
+
+def naive_reuse(m: ReuseAttention, x: torch.Tensor) -> torch.Tensor:
+    """Written plainly from the paper/official code: one map shared by all heads, one value conv per head."""
+    B, C, H, W = x.shape
+    N = H * W
+    qk = _bn(F.conv2d(x, m.qk.c.weight), m.qk.bn)
+    q, k = qk[:, :C // 4], qk[:, C // 4:]
+    q = _bn(F.conv2d(q, m.q_dw.c.weight, padding=m.q_dw.c.padding, groups=C // 4), m.q_dw.bn)
+    table = m.rel_bias.attention_biases[0]
+    bias = torch.empty(N, N)
+    for i in range(N):
+        for j in range(N):
+            dy, dx = abs(i // W - j // W), abs(i % W - j % W)
+            bias[i, j] = table[dy * m.rel_bias.window_size + dx]
+    out = torch.empty(B, C, N)
+    for b in range(B):
+        logits = q[b].reshape(C // 4, N).T @ k[b].reshape(C // 4, N) * 16 ** -0.5 + bias
+        attn = torch.exp(logits - logits.max(-1, keepdim=True).values)
+        attn = attn / attn.sum(-1, keepdim=True)  # the ONE map of this window
+        c0 = 0
+        for h, conv in enumerate(m.v_convs):  # every head: its own channel slice and kernel, the same map
+            ch = conv.in_channels
+            assert conv.kernel_size[0] == (1, 3, 5, 7)[h]
+            v = F.conv2d(x[b:b + 1, c0:c0 + ch], conv.weight, conv.bias, padding=conv.kernel_size[0] // 2, groups=ch)
+            out[b, c0:c0 + ch] = v.reshape(ch, N) @ attn.T
+            c0 += ch
+    y = F.relu(out.reshape(B, C, H, W))
+    return _bn(F.conv2d(y, m.proj[1].c.weight), m.proj[1].bn)
+
+
+def naive_windows(fn, x: torch.Tensor, ws: int) -> torch.Tensor:
+    B, C, H, W = x.shape
+    if H <= ws and W <= ws:
+        return fn(x)
+    Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
+    xp = torch.zeros(B, C, Hp, Wp)
+    xp[:, :, :H, :W] = x
+    out = torch.zeros_like(xp)
+    for i in range(0, Hp, ws):
+        for j in range(0, Wp, ws):
+            out[:, :, i:i + ws, j:j + ws] = fn(xp[:, :, i:i + ws, j:j + ws])
+    return out[:, :, :H, :W]
+
+
+@pytest.mark.parametrize('dim,heads', [(64, 4), (48, 3), (32, 2)])
+@pytest.mark.parametrize('hw', [(7, 7), (5, 3), (4, 6)])
+def test_reuse_attention_matches_naive(dim, heads, hw):
+    m = randomize_bn(ReuseAttention(dim, heads)).eval()
+    x = torch.randn(2, dim, *hw)
+    with torch.no_grad():
+        assert torch.allclose(m(x), naive_reuse(m, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('hw', [(14, 14), (9, 16), (7, 7), (20, 8)])
+def test_windowed_matches_naive(hw):
+    m = randomize_bn(ReuseAttention(32, 4)).eval()
+    w = WindowAttention(m, 7)
+    x = torch.randn(2, 32, *hw)
+    with torch.no_grad():
+        assert torch.allclose(w(x), naive_windows(lambda t: naive_reuse(m, t), x, 7), atol=1e-4, rtol=1e-4)
+
+
+def test_shared_map_is_one_per_window_not_per_head():
+    m = ReuseAttention(64, 4)
+    n_bias = sum(p.numel() for n, p in m.named_parameters() if 'attention_biases' in n)
+    assert n_bias == 49  # one (|dy|, |dx|) table for a 7x7 window
+    assert m.qk.c.out_channels == 32  # C/2: q and k of C/4 each, shared by all heads
+    assert not any('v_proj' in n for n, _ in m.named_parameters())  # no value projection
+
+
+@pytest.mark.parametrize('impl', ['sdpa'])
+def test_core_impls_agree_with_eager(impl):
+    q, k = torch.randn(3, 8, 49), torch.randn(3, 8, 49)
+    v, bias = torch.randn(3, 32, 49), torch.randn(49, 49)
+    ref = reuse_attention(q, k, v, bias, 0.25, 'eager')
+    assert torch.allclose(reuse_attention(q, k, v, bias, 0.25, impl), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize('hw', [(7, 7), (14, 10)])
+def test_deploy_form_matches_train_form(hw):
+    m = randomize_bn(ReuseAttention(64, 4)).eval()
+    d = m.fuse()
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in d.modules())
+    x = torch.randn(2, 64, 7, 7)
+    with torch.no_grad():
+        assert torch.allclose(m(x), d(x), atol=1e-5)
+        w, wd = WindowAttention(m, 7), WindowAttention(d, 7)
+        x = torch.randn(2, 64, *hw)
+        assert torch.allclose(w(x), wd(x), atol=1e-5)
+
+
+def test_mha_is_per_head():
+    m = randomize_bn(MultiHeadAttention(64, 4)).eval()
+    assert m.rel_bias.attention_biases.shape == (4, 49)
+    x = torch.randn(2, 64, 7, 7)
+    B, C, H, W = x.shape
+    with torch.no_grad():
+        qkv = _bn(F.conv2d(x, m.qkv.c.weight), m.qkv.bn).reshape(B, 4, -1, 49)
+        bias = m.rel_bias(7, 7)
+        outs = []
+        for h in range(4):  # one softmax map per head
+            q, k, v = qkv[:, h, :16], qkv[:, h, 16:32], qkv[:, h, 32:]
+            a = torch.softmax(q.transpose(1, 2) @ k * 16 ** -0.5 + bias[h], -1)
+            outs.append(v @ a.transpose(1, 2))
+        ref = _bn(F.conv2d(F.relu(torch.cat(outs, 1).reshape(B, C, H, W)), m.proj[1].c.weight), m.proj[1].bn)
+        assert torch.allclose(m(x), ref, atol=1e-4)
+
+
+def test_bad_head_counts():
+    with pytest.raises(ValueError, match='divisible'):
+        ReuseAttention(30, 4)
+    with pytest.raises(ValueError, match='kernels'):
+        ReuseAttention(50, 5)
