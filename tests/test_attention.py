@@ -89,12 +89,29 @@ def test_shared_map_is_one_per_window_not_per_head():
     assert not any('v_proj' in n for n, _ in m.named_parameters())  # no value projection
 
 
-@pytest.mark.parametrize('impl', ['sdpa'])
-def test_core_impls_agree_with_eager(impl):
-    q, k = torch.randn(3, 8, 49), torch.randn(3, 8, 49)
-    v, bias = torch.randn(3, 32, 49), torch.randn(49, 49)
+@pytest.mark.parametrize('impl', ['sdpa', 'tiled', 'auto'])
+@pytest.mark.parametrize('n', [49, 600])  # 600 >= TILED_MIN_N: 'auto' takes the tiled path, tiles do not divide N
+@pytest.mark.parametrize('token_major', [False, True])  # v as a flattened channels-last map
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_core_impls_agree_with_eager(impl, n, token_major, with_bias):
+    q, k = torch.randn(2, 8, n), torch.randn(2, 8, n)
+    v = torch.randn(2, n, 32).transpose(1, 2) if token_major else torch.randn(2, 32, n)
+    bias = torch.randn(n, n) if with_bias else None
     ref = reuse_attention(q, k, v, bias, 0.25, 'eager')
-    assert torch.allclose(reuse_attention(q, k, v, bias, 0.25, impl), ref, atol=1e-5)
+    out = reuse_attention(q, k, v, bias, 0.25, impl)
+    assert out.shape == (2, 32, n)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_tiled_refuses_gradients_and_unknown_impl():
+    q = torch.randn(1, 8, 600, requires_grad=True)
+    with pytest.raises(ValueError, match='inference-only'):
+        reuse_attention(q, q.detach(), torch.randn(1, 16, 600), None, 0.25, 'tiled')
+    out = reuse_attention(q, q.detach(), torch.randn(1, 16, 600), None, 0.25, 'auto')  # falls back to eager
+    out.sum().backward()
+    assert q.grad is not None
+    with pytest.raises(ValueError, match='unknown reuse attention impl'):
+        reuse_attention(q, q, q, None, 0.25, 'fast')
 
 
 @pytest.mark.parametrize('hw', [(7, 7), (14, 10)])
@@ -107,7 +124,12 @@ def test_deploy_form_matches_train_form(hw):
         assert torch.allclose(m(x), d(x), atol=1e-5)
         w, wd = WindowAttention(m, 7), WindowAttention(d, 7)
         x = torch.randn(2, 64, *hw)
-        assert torch.allclose(w(x), wd(x), atol=1e-5)
+        ref = w(x)
+        assert torch.allclose(ref, wd(x), atol=1e-5)
+        # the deploy network runs channels-last: same numbers, and the layout is kept through the windows
+        out_cl = wd(x.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(ref, out_cl, atol=1e-5)
+        assert out_cl.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_mha_is_per_head():

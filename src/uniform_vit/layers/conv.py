@@ -84,7 +84,9 @@ class FFN(nn.Module):
         return self.pw2(self.act(self.pw1(x)))
 
     def fuse(self) -> nn.Module:
-        return fuse_children(self)
+        fused = fuse_children(self)
+        fused.act = nn.ReLU(inplace=True)  # deploy: pw1's output is fresh and read once, so skip an allocation
+        return fused
 
 
 class Residual(nn.Module):

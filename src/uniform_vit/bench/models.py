@@ -1,0 +1,420 @@
+"""Whole-model benchmark: UniForm against its peers, in their deploy forms, interleaved round by round.
+
+The paper's method is the default: BatchNorm-fused deploy form (``reparameterize``, timm's idiom for every model),
+traced with ``torch.jit.trace``; on CPU one thread and batch 16, on CUDA batch 2048 with AMP (halved on OOM).
+FLOPs are always the *nominal* count of the unfused network (``torch.utils.flop_counter``), so a deploy form that
+does extra arithmetic (zero-padded kernels) earns nothing by it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from .harness import interleaved_timing, median, paired_ratio, spread
+from .machine import calibrate_matmul_peak, environment, matmul_peak_fn, peak_memory_bytes
+
+# The issue's full comparison set. Each UniForm sits next to its size-matched peer, so the two run back to back in
+# every round and their round-by-round ratio sees the same machine load.
+FULL_MODELS = (
+    'uniform_t', 'efficientvit_m0', 'uniform_s', 'efficientvit_m1', 'uniform_m', 'efficientvit_m3',
+    'uniform_l', 'efficientvit_m5', 'shvit_s1', 'shvit_s2', 'shvit_s3', 'shvit_s4', 'swiftformer_xs', 'swiftformer_s',
+    'mobilenetv3_small_100', 'mobilenetv3_large_075', 'edgenext_xx_small', 'mobilevit_xxs', 'deit_tiny_patch16_224',
+)
+# What a bare `uniform-vit bench` runs (about a minute on a 2-core CPU): the two small UniForms, their
+# size-matched EfficientViTs and the two fastest other peers.
+README_MODELS = ('uniform_t', 'efficientvit_m0', 'uniform_s', 'efficientvit_m1', 'shvit_s1', 'mobilenetv3_small_100')
+QUICK_MODELS = ('uniform_t', 'efficientvit_m0', 'uniform_s', 'efficientvit_m1')
+MODEL_SETS = {'readme': README_MODELS, 'quick': QUICK_MODELS, 'full': FULL_MODELS, 'default': FULL_MODELS}
+# Each UniForm and its size-matched peer (the official UniForm archs m0/m1/m3/m5 are EfficientViT's).
+PEERS = {'uniform_t': 'efficientvit_m0', 'uniform_s': 'efficientvit_m1', 'uniform_m': 'efficientvit_m3',
+         'uniform_l': 'efficientvit_m5'}
+BACKENDS = ('eager', 'jit', 'compile', 'onnxruntime')
+PEAK_NAME = 'matmul peak'
+
+
+@dataclass
+class BenchSettings:
+    models: list[str]
+    device: str = 'cpu'
+    backend: str = 'jit'
+    threads: int = 1
+    batch_size: int | None = None  # None: 16 on CPU, 2048 on CUDA
+    img_size: int | None = None  # None: each model's default input size
+    channels_last: bool = False
+    fused: bool = True
+    int8: bool = False
+    amp: bool | None = None  # None: on for CUDA
+    rounds: int = 10
+    warmup: int = 2
+    latency_rounds: int = 10  # batch-1 latency rounds; 0 skips them
+    model_set: str = 'custom'
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_settings(s: BenchSettings) -> BenchSettings:
+    """Fill defaults that depend on the device and reject impossible combinations with one-line errors."""
+    if s.device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but torch sees no CUDA device")
+    if s.device not in ('cpu',) and not s.device.startswith('cuda'):
+        raise UserError(f"unknown device {s.device!r}; use 'cpu' or 'cuda[:N]'")
+    if s.backend not in BACKENDS:
+        raise UserError(f"unknown backend {s.backend!r}; choose one of {', '.join(BACKENDS)}")
+    if s.threads < 1:
+        raise UserError(f"threads must be at least 1, got {s.threads}")
+    if s.batch_size is not None and s.batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {s.batch_size}")
+    if s.img_size is not None and s.img_size < 32:
+        raise UserError(f"image size must be at least 32, got {s.img_size}")
+    if s.rounds < 1 or s.warmup < 0 or s.latency_rounds < 0:
+        raise UserError("need rounds >= 1, warmup >= 0, latency rounds >= 0")
+    if s.int8 and s.backend != 'onnxruntime':
+        raise UserError("--int8 needs --backend onnxruntime")
+    if s.backend == 'onnxruntime' and s.device != 'cpu':
+        raise UserError("--backend onnxruntime runs on the CPU only here; drop --device")
+    cuda = s.device.startswith('cuda')
+    if s.batch_size is None:
+        s.batch_size = 2048 if cuda else 16
+    if s.amp is None:
+        s.amp = cuda
+    return s
+
+
+# ---- one model ----------------------------------------------------------------------------------------------------
+
+def create(name: str, img_size: int | None = None) -> tuple[nn.Module, tuple[int, int, int]]:
+    """Unfused eval model (random weights, never downloaded) and its (C, H, W) input."""
+    import timm
+
+    import uniform_vit  # noqa: F401  (registers uniform_*)
+
+    model = None
+    if img_size is not None:
+        try:  # models with a fixed token grid (ViT/DeiT, LeViT, ...) need the size at build time
+            model = timm.create_model(name, pretrained=False, img_size=img_size)
+        except TypeError:
+            model = None  # this family takes any input size and no img_size argument
+    if model is None:
+        model = timm.create_model(name, pretrained=False)
+    model.eval()
+    cfg = model.pretrained_cfg or {}
+    c, h, w = cfg.get('input_size', (3, 224, 224))
+    if img_size is not None:
+        h = w = img_size
+    return model, (c, h, w)
+
+
+@torch.no_grad()
+def nominal_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """FLOPs of one image through the UNFUSED model (torch.utils.flop_counter: 2 per multiply-accumulate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    with FlopCounterMode(display=False) as fc:
+        model(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
+    return int(fc.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Python warnings and C++ chatter on stderr (tracer warnings, the profiler's start/stop lines)."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, 'w') as devnull, warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def make_runner(model: nn.Module, backend: str, example: torch.Tensor, settings: BenchSettings,
+                workdir: str) -> Callable[[torch.Tensor], object]:
+    """Wrap the (fused, eval) model in the chosen backend; the result is called as ``runner(x)``."""
+    name = getattr(model, 'default_cfg', {}).get('architecture', 'model')
+    if backend == 'eager':
+        return model
+    if backend == 'jit':
+        with quiet(), torch.no_grad(), _autocast(settings):
+            model(example)  # one eager call first: lets modules build their inference caches outside the tracer
+            return torch.jit.trace(model, example, check_trace=False)
+    if backend == 'compile':
+        try:
+            return torch.compile(model, dynamic=False)
+        except Exception as e:  # inductor needs a C++ compiler on CPU
+            raise UserError(f"torch.compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    # onnxruntime
+    try:
+        from ..export.onnx import OrtRunner, export_onnx
+    except ImportError as e:
+        raise UserError(f"--backend onnxruntime needs uniform_vit.export.onnx and onnxruntime ({e})") from e
+    path = os.path.join(workdir, f'{name}.onnx')
+    with quiet():
+        export_onnx(model, path, input_size=tuple(example.shape[1:]), dynamic_batch=True)
+    if settings.int8:
+        from ..export.quant import quantize_int8
+
+        gen = torch.Generator().manual_seed(0)
+        # random calibration data: fine for timing (the int8 graph is the same), not for accuracy
+        calib = [torch.randn(example.shape, generator=gen).numpy() for _ in range(4)]
+        qpath = os.path.join(workdir, f'{name}.int8.onnx')
+        with quiet():
+            quantize_int8(path, qpath, calib)
+        path = qpath
+    return OrtRunner(path, threads=settings.threads)
+
+
+def _autocast(settings: BenchSettings) -> contextlib.AbstractContextManager:
+    if settings.amp and settings.device.startswith('cuda'):
+        return torch.autocast('cuda', dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Prepared:
+    name: str
+    params: int
+    flops: int
+    input_size: tuple[int, int, int]
+    batch_size: int
+    call: Callable[[], object]
+    call_b1: Callable[[], object] | None
+    peak_mem: int | None
+
+
+def prepare(name: str, s: BenchSettings, workdir: str) -> Prepared:
+    """Build, count, fuse, wrap and warm one model, ready to be timed."""
+    model, input_size = create(name, s.img_size)
+    params, flops = count_params(model), nominal_flops(model, input_size)
+    if s.fused:
+        from ..layers.fuse import reparameterize
+
+        model = reparameterize(model)
+    device = torch.device(s.device)
+    model = model.to(device)
+    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+    if s.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    batch = s.batch_size
+    while True:
+        try:
+            x = torch.randn(batch, *input_size, device=device).contiguous(memory_format=fmt)
+            runner = make_runner(model, s.backend, x, s, workdir)
+            call = _bind(runner, x, s)
+            call()  # first call compiles/allocates; an OOM here halves the batch
+            break
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise UserError(f"{name}: out of memory even at batch 1") from None
+            batch = max(1, batch // 2)
+            torch.cuda.empty_cache()
+    call_b1 = None
+    if s.latency_rounds:
+        x1 = torch.randn(1, *input_size, device=device).contiguous(memory_format=fmt)
+        call_b1 = _bind(make_runner(model, s.backend, x1, s, workdir) if s.backend == 'jit' else runner, x1, s)
+        call_b1()
+    with quiet():
+        mem = peak_memory_bytes(call, device) if s.backend != 'onnxruntime' else None
+    return Prepared(name, params, flops, input_size, batch, call, call_b1, mem)
+
+
+def _bind(runner: Callable[[torch.Tensor], object], x: torch.Tensor, s: BenchSettings) -> Callable[[], object]:
+    def call() -> object:
+        with torch.inference_mode(), _autocast(s):
+            return runner(x)
+
+    return call
+
+
+# ---- the whole run ------------------------------------------------------------------------------------------------
+
+def run_bench(s: BenchSettings, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Benchmark ``s.models``; returns {'environment', 'settings', 'peak', 'rows', 'pairs'} (plain JSON types).
+
+    ``progress(phase, done, total)`` is called as models are prepared and as rounds complete.
+    """
+    s = resolve_settings(s)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(s.threads)
+    try:
+        return _run(s, progress or (lambda *_: None))
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run(s: BenchSettings, progress: Callable[[str, int, int], None]) -> dict:
+    env = environment(s.device, s.threads)
+    prepared: list[Prepared] = []
+    with tempfile.TemporaryDirectory(prefix='uniform-vit-bench-') as workdir:
+        for i, name in enumerate(s.models):
+            progress(f'preparing {name}', i, len(s.models))
+            prepared.append(prepare(name, s, workdir))
+        progress('calibrating matmul peak', len(s.models), len(s.models))
+        peak_dtype = torch.float16 if s.amp and s.device.startswith('cuda') else torch.float32
+        peak_op, shape, rate = calibrate_matmul_peak(s.device, peak_dtype)
+        repeat = max(1, round(0.01 * rate / (2.0 * shape[0] * shape[1] * shape[2])))  # ~10 ms per probe call
+        peak_fn, peak_flops = matmul_peak_fn(shape, s.device, peak_dtype, peak_op, repeat)
+        fns: dict[str, Callable[[], object]] = {}
+        for p in prepared:
+            # the peak probe runs right before every model in every round, so each model's "% of peak" compares it
+            # with the machine as it was a moment earlier (the machine may be shared and its load drifts)
+            fns[PEAK_NAME + ' ' + p.name] = peak_fn
+            fns[p.name] = p.call
+        total = s.rounds + s.latency_rounds
+
+        times = interleaved_timing(fns, s.rounds, s.warmup, device=s.device,
+                                   on_round=lambda r: progress('timing', r + 1, total))
+        lat: dict[str, list[float]] = {}
+        if s.latency_rounds:
+            lat = interleaved_timing({p.name: p.call_b1 for p in prepared}, s.latency_rounds, s.warmup,
+                                     device=s.device, on_round=lambda r: progress('batch-1 latency', s.rounds + r + 1,
+                                                                                  total))
+    peak_by_model = {p.name: times.pop(PEAK_NAME + ' ' + p.name) for p in prepared}
+    peak_times = [min(ts) for ts in zip(*peak_by_model.values())]  # per round: the probe at its least disturbed
+    rows = [_row(p, times[p.name], peak_by_model[p.name], peak_flops, lat.get(p.name), s) for p in prepared]
+    pairs = []
+    for a, b in PEERS.items():
+        if a in times and b in times:
+            pairs.append(dict(model=a, peer=b, speedup=round(paired_ratio(times[a], times[b]), 3),
+                              speedup_spread=round(spread([tb / ta for ta, tb in zip(times[a], times[b])]), 3)))
+    for r in rows:
+        pr = next((p for p in pairs if p['model'] == r['model']), None)
+        r['peer'], r['speedup_vs_peer'] = (pr['peer'], pr['speedup']) if pr else (None, None)
+    peak = dict(op=peak_op, shape=list(shape), dtype=str(peak_dtype).replace('torch.', ''),
+                gflops=round(peak_flops / median(peak_times) / 1e9, 2), spread=round(spread(peak_times), 3))
+    settings = asdict(s)
+    return dict(environment=env, settings=settings, peak=peak, rows=rows, pairs=pairs)
+
+
+def _row(p: Prepared, t: list[float], peak_t: list[float], peak_flops: float, lat: list[float] | None,
+         s: BenchSettings) -> dict:
+    from .published import published_top1
+
+    sec = median(t)
+    top1, source = published_top1(p.name)
+    achieved = p.flops * p.batch_size / sec
+    # fraction of peak round by round: both sides of the ratio saw the same load in that round
+    frac = median([p.flops * p.batch_size / tm / (peak_flops / tp) for tm, tp in zip(t, peak_t)])
+    return dict(
+        model=p.name, params_m=round(p.params / 1e6, 3), gmacs=round(p.flops / 2e9, 4),
+        img_size=p.input_size[1], batch_size=p.batch_size,
+        img_per_s=round(p.batch_size / sec, 1), ms_per_batch=round(sec * 1e3, 2), spread=round(spread(t), 3),
+        latency_b1_ms=round(median(lat) * 1e3, 3) if lat else None,
+        peak_mem_mb=round(p.peak_mem / 2**20, 2) if p.peak_mem is not None else None,
+        gflops=round(achieved / 1e9, 2), frac_of_peak=round(frac, 4),
+        top1=top1, top1_source=source, fused=s.fused, backend=s.backend + ('-int8' if s.int8 else ''),
+        rounds=len(t), times_s=[round(x, 6) for x in t],
+    )
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+
+ROW_FIELDS = ('model', 'params_m', 'gmacs', 'img_size', 'batch_size', 'img_per_s', 'ms_per_batch', 'spread',
+              'latency_b1_ms', 'peak_mem_mb', 'gflops', 'frac_of_peak', 'top1', 'top1_source', 'peer',
+              'speedup_vs_peer', 'fused', 'backend', 'rounds')
+
+
+def banner(result: dict) -> str:
+    e, s, pk = result['environment'], result['settings'], result['peak']
+    dev = e['gpu'] or e['cpu']
+    prec = 'AMP fp16' if s['amp'] else 'fp32'
+    return (f"uniform-vit bench: {dev} ({e['cpu_capability']}), {s['threads']} thread(s) of {e['logical_cpus']}, "
+            f"torch {e['torch']}, timm {e['timm']}\n"
+            f"  set '{s['model_set']}' ({len(s['models'])} models), "
+            f"backend {s['backend']}{'-int8' if s['int8'] else ''}"
+            f", {'fused deploy form' if s['fused'] else 'UNFUSED'}, {prec}, batch {s['batch_size']}"
+            f"{', channels-last' if s['channels_last'] else ''}, {s['rounds']} interleaved rounds, "
+            f"matmul peak {pk['gflops']} GFLOP/s ({pk['op']} {'x'.join(map(str, pk['shape']))} {pk['dtype']})")
+
+
+def table_rows(result: dict) -> list[dict]:
+    out = []
+    for r in result['rows']:
+        d = dict(r)
+        d['frac_of_peak'] = f"{100 * r['frac_of_peak']:.0f}%"
+        d['spread'] = f"{100 * r['spread']:.0f}%"
+        d['speedup_vs_peer'] = f"{r['speedup_vs_peer']:.2f}x {r['peer'].replace('efficientvit_', 'EViT-')}" \
+            if r['speedup_vs_peer'] else None
+        out.append(d)
+    return out
+
+
+TABLE_COLUMNS = [('model', 'model'), ('params_m', 'params (M)'), ('gmacs', 'GMACs'), ('img_per_s', 'img/s'),
+                 ('ms_per_batch', 'ms/batch'), ('spread', 'spread'), ('latency_b1_ms', 'b1 ms'),
+                 ('peak_mem_mb', 'peak MB'), ('gflops', 'GFLOP/s'), ('frac_of_peak', '% peak'),
+                 ('top1', 'top-1'), ('speedup_vs_peer', 'vs peer (paired)')]
+
+
+def check_outputs(json_path: str | None = None, csv_path: str | None = None, plot_path: str | None = None) -> None:
+    """Fail before a long run, not after it: output folders must exist, --plot needs matplotlib."""
+    for path in (json_path, csv_path, plot_path):
+        if path and path != '-':
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise UserError(f"cannot write {path}: folder {parent} does not exist")
+    if plot_path:
+        require_matplotlib()
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'uniform-vit[plot]'") from None
+    matplotlib.use('Agg')
+    return matplotlib
+
+
+def write_csv(rows: list[dict], path: str, fields: tuple[str, ...]) -> None:
+    import csv
+
+    with open(path, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction='ignore')
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_top1_vs_throughput(result: dict, path: str) -> None:
+    """Published ImageNet top-1 against measured img/s, one labelled point per model, UniForm highlighted."""
+    require_matplotlib()
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result['rows'] if r['top1'] is not None]
+    if not rows:
+        raise UserError("nothing to plot: none of these models has a published top-1")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r in rows:
+        ours = r['model'].startswith('uniform_')
+        ax.scatter(r['img_per_s'], r['top1'], s=40, color='tab:red' if ours else 'tab:blue', zorder=3)
+        ax.annotate(r['model'], (r['img_per_s'], r['top1']), fontsize=7, xytext=(4, 3), textcoords='offset points')
+    for a, b in PEERS.items():
+        ra = next((r for r in rows if r['model'] == a), None)
+        rb = next((r for r in rows if r['model'] == b), None)
+        if ra and rb:
+            ax.plot([rb['img_per_s'], ra['img_per_s']], [rb['top1'], ra['top1']], color='grey', lw=0.8, ls='--')
+    e, s = result['environment'], result['settings']
+    ax.set_xscale('log')
+    ax.set_xlabel(f"measured throughput (img/s, batch {s['batch_size']}, {s['threads']} thread(s), {s['backend']})")
+    ax.set_ylabel('published ImageNet-1K top-1 (%)')
+    ax.set_title(f"{e['gpu'] or e['cpu']}, torch {e['torch']}", fontsize=9)
+    ax.grid(True, which='both', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,180 @@
+"""The whole-model benchmark: harness arithmetic and order (fake clock), JSON schema on tiny inputs, bad arguments."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio, spread
+from uniform_vit.bench.machine import calibrate_matmul_peak, matmul_peak_fn, peak_memory_bytes
+from uniform_vit.bench.models import BenchSettings, nominal_flops, resolve_settings, run_bench
+from uniform_vit.errors import UserError
+
+
+class FakeClock:
+    """Time advances only when a candidate runs, by that candidate's scripted duration for the current round."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_interleaving_order_and_times_with_fake_clock():
+    clock, calls = FakeClock(), []
+    durations = {'a': [1.0, 2.0, 4.0], 'b': [2.0, 2.0, 2.0]}
+    counters = {'a': 0, 'b': 0}
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            i = counters[name] - 1  # warm-up calls are index -1: no time passes
+            if i >= 0:
+                clock.now += durations[name][i // 2]  # inner=2: two calls per round
+            counters[name] += 1
+        return fn
+
+    times = interleaved_timing({'a': make('a'), 'b': make('b')}, rounds=3, warmup=1, inner=2, clock=clock)
+    # warm-up once each, then every round runs a twice, then b twice
+    assert calls == ['a', 'b'] + ['a', 'a', 'b', 'b'] * 3
+    assert times == {'a': [1.0, 2.0, 4.0], 'b': [2.0, 2.0, 2.0]}  # seconds per call
+    # round-by-round ratio time(b)/time(a): [2, 1, 0.5] -> median 1, though the ratio of medians is also 1 here
+    assert paired_ratio(times['a'], times['b']) == 1.0
+    assert median(times['a']) == 2.0
+
+
+def test_paired_ratio_differs_from_ratio_of_medians():
+    a, b = [1.0, 10.0, 10.0, 1.0], [3.0, 20.0, 30.0, 2.0]  # b is 2-3x slower in every round, load varies a lot
+    assert paired_ratio(a, b) == 2.5  # median of [3, 2, 3, 2]
+    assert median(b) / median(a) == pytest.approx(11.5 / 5.5)  # the ratio of medians mixes rounds
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_spread():
+    assert spread([1.0]) == 0.0
+    assert spread([1.0, 1.0, 1.0]) == 0.0
+    assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4.0 - 2.0) / 3.0)
+
+
+def test_harness_rejects_bad_rounds():
+    with pytest.raises(ValueError):
+        interleaved_timing({'a': lambda: None}, rounds=0)
+
+
+def test_peak_memory_counts_live_tensors():
+    def fn():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = a + 1  # 4 MiB, both alive
+        return (a + b).sum()  # a third 4 MiB while a and b are alive
+
+    peak = peak_memory_bytes(fn)
+    assert 12 * 2**20 <= peak < 13 * 2**20
+
+
+def test_matmul_peak_probe():
+    fn, flops = matmul_peak_fn((8, 4, 2))
+    assert flops == 2 * 8 * 4 * 2
+    fn2, _ = matmul_peak_fn((8, 4, 2), op='conv1x1')
+    assert fn2().shape == (1, 2, 8, 1)  # 8 rows: neither 7x7 nor 4x4 maps
+    assert matmul_peak_fn((98, 4, 2), op='conv1x1')[0]().shape == (2, 2, 7, 7)
+    op, shape, rate = calibrate_matmul_peak(seconds=0.001, tries=1, shapes=((16, 16, 16), (32, 32, 32)))
+    assert op in ('mm', 'conv1x1') and shape in ((16, 16, 16), (32, 32, 32)) and rate > 0
+    with pytest.raises(ValueError):
+        matmul_peak_fn((2, 2, 2), op='fft')
+
+
+def test_nominal_flops_is_the_unfused_count():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)).eval()
+    assert nominal_flops(conv, (3, 5, 5)) == 2 * 8 * 3 * 9 * 25  # 2 per MAC; BatchNorm not counted
+
+
+def test_bench_json_schema_on_tiny_inputs(tmp_path):
+    s = BenchSettings(models=['uniform_t', 'efficientvit_m0'], img_size=64, batch_size=2, rounds=2, warmup=0,
+                      latency_rounds=1)
+    result = run_bench(s)
+    assert set(result) == {'environment', 'settings', 'peak', 'rows', 'pairs'}
+    assert {'cpu', 'threads', 'torch', 'timm', 'device'} <= set(result['environment'])
+    assert result['settings']['fused'] and result['settings']['backend'] == 'jit'
+    rows = {r['model']: r for r in result['rows']}
+    assert set(rows) == {'uniform_t', 'efficientvit_m0'}
+    for r in rows.values():
+        assert r['rounds'] == 2 and len(r['times_s']) == 2 and r['batch_size'] == 2 and r['img_size'] == 64
+        assert r['img_per_s'] > 0 and r['ms_per_batch'] > 0 and r['latency_b1_ms'] > 0
+        assert r['gmacs'] > 0 and r['params_m'] > 0 and r['peak_mem_mb'] > 0 and 0 < r['frac_of_peak']
+    assert rows['uniform_t']['top1'] == 66.0 and 'UniForm' in rows['uniform_t']['top1_source']
+    (pair,) = result['pairs']
+    assert (pair['model'], pair['peer']) == ('uniform_t', 'efficientvit_m0')
+    # the ratio is computed round by round from the same per-round times the rows carry
+    expect = paired_ratio(rows['uniform_t']['times_s'], rows['efficientvit_m0']['times_s'])
+    assert pair['speedup'] == pytest.approx(expect, rel=1e-3)
+    assert rows['uniform_t']['speedup_vs_peer'] == pair['speedup']
+    json.dumps(result)  # plain JSON types only
+
+
+def test_settings_defaults_and_errors():
+    s = resolve_settings(BenchSettings(models=['uniform_t']))
+    assert s.batch_size == 16 and s.threads == 1 and not s.amp
+    for bad in (dict(batch_size=0), dict(threads=0), dict(backend='tensorrt'), dict(int8=True),
+                dict(device='tpu'), dict(img_size=8)):
+        with pytest.raises(UserError):
+            resolve_settings(BenchSettings(models=['uniform_t'], **bad))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'uniform_vit.cli.main', 'bench', *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def _main(capsys, *args: str) -> tuple[int, str]:
+    """The CLI entry point in-process (argparse errors exit via SystemExit): (exit code, stderr)."""
+    from uniform_vit.cli.main import main
+
+    try:
+        code = main(['bench', *args])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['--models', 'uniform_tt'], "did you mean 'uniform_t'"),
+    (['--batch-size', '0'], 'must be at least 1'),
+    (['--threads', '0'], 'must be at least 1'),
+    (['--int8'], '--int8 needs --backend onnxruntime'),
+    (['--models', 'nonexistent_*'], 'matches no model'),
+    (['--full', '--models', 'uniform_t'], 'name different model sets'),
+    (['--quick', '--json', '/nonexistent/dir/b.json'], 'does not exist'),
+])
+def test_cli_bad_arguments(capsys, args, needle):
+    code, err = _main(capsys, *args)
+    assert code == 2
+    assert needle in err
+    assert 'Traceback' not in err
+    assert [ln for ln in err.splitlines() if 'error:' in ln] == [err.strip().splitlines()[-1]]  # one error line
+
+
+def test_cli_quick_run_writes_json_csv_plot(tmp_path):
+    out = tmp_path / 'b.json'
+    p = _cli('--models', 'uniform_t,efficientvit_m0', '--img-size', '64', '--batch-size', '2', '--rounds', '1',
+             '--warmup', '0', '--no-latency', '--json', str(out), '--csv', str(tmp_path / 'b.csv'),
+             '--plot', str(tmp_path / 'b.png'))
+    assert p.returncode == 0, p.stderr
+    assert 'uniform_t' in p.stdout and 'efficientvit_m0' in p.stdout
+    data = json.loads(out.read_text())
+    assert [r['model'] for r in data['rows']] == ['uniform_t', 'efficientvit_m0']
+    assert (tmp_path / 'b.csv').read_text().splitlines()[0].startswith('model,params_m,gmacs')
+    assert (tmp_path / 'b.png').read_bytes()[:4] == b'\x89PNG'
+
+
+@pytest.mark.parametrize('argv', [['--help'], ['bench', '--help'], ['bench-attn', '--help']])
+def test_help_renders(capsys, argv):
+    from uniform_vit.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert 'bench' in capsys.readouterr().out
