@@ -154,3 +154,16 @@ def test_bad_head_counts():
         ReuseAttention(30, 4)
     with pytest.raises(ValueError, match='kernels'):
         ReuseAttention(50, 5)
+
+
+@pytest.mark.parametrize('hw', [(1, 1), (2, 2), (1, 3), (3, 5), (9, 9)])
+@pytest.mark.parametrize('groups', [1, 6])
+def test_same_conv_crops_only_taps_that_see_padding(hw, groups):
+    from uniform_vit.layers.conv import SameConv2d, make_conv
+
+    conv = make_conv(6, 6, 7, padding=3, groups=groups)
+    assert isinstance(conv, SameConv2d)
+    assert type(make_conv(6, 6, 3, stride=2, padding=1)) is torch.nn.Conv2d
+    x = torch.randn(2, 6, *hw)
+    ref = F.conv2d(x, conv.weight, conv.bias, padding=3, groups=groups)
+    assert torch.allclose(conv(x), ref, atol=1e-6)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conv import ConvNorm
+from .conv import ConvNorm, make_conv
 
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {}
 
@@ -206,7 +206,7 @@ class ReuseAttention(nn.Module):
         self.q_dw = ConvNorm(self.qk_dim, self.qk_dim, q_kernel, groups=self.qk_dim)
         # per-head value: depthwise conv of its own channel slice, kernel k_i, with bias, no BN, no projection
         self.v_convs = nn.ModuleList(
-            nn.Conv2d(c, c, k, padding=k // 2, groups=c) for c, k in zip(self.splits, self.kernels))
+            make_conv(c, c, k, padding=k // 2, groups=c) for c, k in zip(self.splits, self.kernels))
         self.proj = nn.Sequential(nn.ReLU(), ConvNorm(dim, dim, bn_weight_init=0.0))
         self.rel_bias = RelPosBias(window_size, tables=1)
 
@@ -232,8 +232,8 @@ class ReuseAttentionDeploy(nn.Module):
         super().__init__()
         self.dim, self.qk_dim, self.scale, self.impl = dim, qk_dim, scale, impl
         self.qk = nn.Conv2d(dim, 2 * qk_dim, 1)
-        self.q_dw = nn.Conv2d(qk_dim, qk_dim, q_kernel, padding=q_kernel // 2, groups=qk_dim)
-        self.v_conv = nn.Conv2d(dim, dim, v_kernel, padding=v_kernel // 2, groups=dim)
+        self.q_dw = make_conv(qk_dim, qk_dim, q_kernel, padding=q_kernel // 2, groups=qk_dim)
+        self.v_conv = make_conv(dim, dim, v_kernel, padding=v_kernel // 2, groups=dim)
         self.proj = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1))  # in place: on the fresh matmul out
         self.rel_bias = RelPosBias(window_size, tables=1)
 
