@@ -1,0 +1,80 @@
+"""``uniform-vit train``: train or fine-tune a model (one process, or many under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = 'Train or fine-tune a model (paper recipe or a short one), on one CPU or many GPUs with torchrun.'
+EXAMPLES = """examples:
+  uniform-vit train --model uniform_t --dataset fashion-mnist --recipe small --img-size 64 --epochs 12 --output runs/fm
+  uniform-vit train --data-dir /data/imagenet --model uniform_s --epochs 300 --batch-size 256 --output runs/in1k
+  uniform-vit train --config configs/fashion_mnist.yaml --epochs 3        (typed flags win over the file)
+  uniform-vit train --output runs/fm --resume                             (continue a killed run)
+  uniform-vit train --data-dir pets --checkpoint runs/in1k/model_best.safetensors --recipe small --output runs/pets
+  torchrun --nproc_per_node=8 -m uniform_vit.cli.main train --data-dir /data/imagenet --output runs/in1k
+options not shown by name below can also be set in the YAML file (see docs/training.md)."""
+
+# flag help; every TrainConfig field becomes a flag, typed from its annotation
+_HELP = {
+    'model': 'timm model name (default uniform_t)',
+    'attn_type': "UniForm attention: 'reuse' (default) or 'mha' (ablation)",
+    'dataset': 'built-in reader: fashion-mnist, cifar10, cifar100, synthetic, folder (default: folder with --data-dir)',
+    'data_dir': 'DIR/train/<class>/*, DIR/val/<class>/*; or where the built-in set lives',
+    'img_size': 'training and validation resolution (default 224; small images are resized)',
+    'recipe': "'paper' (ImageNet recipe, default) or 'small' (short runs on small datasets)",
+    'batch_size': 'images per process and step (total = this x processes x --grad-accum)',
+    'grad_accum': 'micro-batches per optimiser step (for small memory)',
+    'lr': 'peak learning rate (default: --base-lr x total batch / 512)',
+    'output': 'run folder: checkpoint.pth, metrics.csv, summary.json, curves.png, model_best.safetensors',
+    'checkpoint': 'initial weights; another class count re-initialises the head (fine-tuning)',
+    'resume': 'continue the run in --output (or from the given checkpoint.pth)',
+    'config': 'YAML file of options; flags typed on the command line win',
+    'threads': 'torch CPU threads',
+    'workers': 'data-loader processes (default: 0 on machines with <= 4 cores)',
+    'train_samples': 'train on the first N images only (quick trials)',
+    'val_samples': 'validate on the first N images only',
+    'strict': 'stop at the first unreadable image instead of skipping it with a warning',
+    'model_ema': 'keep an EMA of the weights and validate it too',
+    'amp': 'mixed precision: auto (GPU: bf16, else fp16; CPU: off), bf16, fp16, none',
+    'aa': "timm RandAugment string, e.g. rand-m9-mstd0.5; 'none' to disable",
+}
+
+
+def _type_of(annotation: str):
+    base = annotation.replace(' | None', '')
+    return {'int': int, 'float': float, 'str': str}.get(base)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from uniform_vit.cli._common import positive_int
+    from uniform_vit.train.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = '--' + f.name.replace('_', '-')
+        kw: dict = dict(dest=f.name, default=argparse.SUPPRESS, help=_HELP.get(f.name, f'(default {f.default})'))
+        if f.name == 'resume':
+            p.add_argument(flag, nargs='?', const=True, metavar='CHECKPOINT', **kw)
+        elif f.type == 'bool':
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.type.startswith('tuple'):
+            p.add_argument(flag, nargs=2, type=float, metavar=('A', 'B'), **kw)
+        elif f.name in ('epochs', 'batch_size', 'grad_accum', 'val_every', 'threads', 'train_samples', 'val_samples'):
+            p.add_argument(flag, type=positive_int, **kw)
+        else:
+            p.add_argument(flag, type=_type_of(f.type) or str, **kw)
+
+
+def run(args: argparse.Namespace) -> int:
+    from uniform_vit.cli._common import check_model_name
+    from uniform_vit.train.config import field_names, make_config
+    from uniform_vit.train.engine import train
+
+    typed = {k: v for k, v in vars(args).items() if k in field_names() and k != 'config'}
+    if typed.get('aa') in ('none', 'None', ''):
+        typed['aa'] = None
+    cfg = make_config(getattr(args, 'config', None), **typed)
+    check_model_name(cfg.model)
+    summary = train(cfg)
+    return 0 if summary else 1

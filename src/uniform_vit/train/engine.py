@@ -1,0 +1,579 @@
+"""The training loop: timm's optimiser, scheduler, Mixup/CutMix, losses and EMA; DDP; atomic, resumable checkpoints.
+
+Reproducibility: every epoch reseeds all RNGs (python, numpy, torch, the sampler) from (seed, epoch, rank), so an epoch
+depends only on the state at its start. A run killed at any point and resumed from the last end-of-epoch checkpoint
+therefore ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from .config import TrainConfig, config_dict, config_from_dict
+from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+
+CHECKPOINT = 'checkpoint.pth'  # full training state, rewritten atomically after every epoch
+BEST = 'model_best.safetensors'  # best validation top-1 weights (EMA when it won), with label meta
+LAST = 'model_last.safetensors'
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+# ---- small pieces -------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(cfg: TrainConfig, epoch: int, rank: int) -> int:
+    return cfg.seed * 1_000_003 + epoch * 1009 + rank
+
+
+def rng_state() -> dict:
+    """All RNG states as tensors and plain values (loadable with torch.load(weights_only=True))."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = dict(python=random.getstate(), torch=torch.get_rng_state(),
+                 numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached])
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state['python']
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state['torch'])
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == 'none' or (cfg.amp == 'auto' and device.type != 'cuda'):
+        return None
+    if cfg.amp == 'fp16' or (cfg.amp == 'auto' and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def default_workers(cfg: TrainConfig, world: int) -> int:
+    if cfg.workers is not None:
+        return cfg.workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    # On a small machine a loader process only steals cores from the model; the in-memory readers are cheap.
+    return 0 if cpus <= 4 else min(8, max(1, cpus // world - 1))
+
+
+def _subset(ds: torch.utils.data.Dataset, n: int | None) -> torch.utils.data.Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    sub = torch.utils.data.Subset(ds, range(n))
+    for attr in ('classes', 'mean', 'std', 'img_size', 'name'):
+        setattr(sub, attr, getattr(ds, attr))
+    sub.targets = [ds.targets[i] for i in range(n)]
+    return sub
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+def build_datasets(cfg: TrainConfig, in_chans: int) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    from ..data import create_dataset
+
+    name = cfg.dataset or 'folder'
+    aug = dict(scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, auto_augment=cfg.aa, re_prob=cfg.reprob,
+               color_jitter=cfg.color_jitter)
+    common = dict(data_dir=cfg.data_dir, img_size=cfg.img_size, in_chans=in_chans, interpolation=cfg.interpolation,
+                  strict=cfg.strict, seed=cfg.seed, num_classes=cfg.num_classes or 10)
+    train_ds = create_dataset(name, 'train', train=True, aug=aug, num_samples=cfg.train_samples, **common)
+    val_ds = create_dataset(name, 'val', train=False, classes=train_ds.classes if name == 'folder' else None,
+                            num_samples=cfg.val_samples, **common)
+    return _subset(train_ds, cfg.train_samples), _subset(val_ds, cfg.val_samples)
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler[int]):
+    """One seeded permutation per epoch, cut into global batches of ``batch_size x world``; rank r takes the r-th
+    contiguous slice of each. N processes with batch b therefore see exactly the micro-batches that one process with
+    batch b and ``--grad-accum N`` sees: same gradients, same BatchNorm statistics."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int, drop_last: bool):
+        self.n, self.b, self.world, self.rank, self.seed, self.epoch = n, batch_size, world, rank, seed, epoch
+        self.drop_last = drop_last
+        g = self.b * self.world
+        self.num_batches = n // g if drop_last else math.ceil(n / g)
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed * 7919 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        total = self.num_batches * self.b * self.world
+        if total > self.n:  # pad by wrapping, as DistributedSampler does
+            perm = torch.cat([perm, perm[:total - self.n]])
+        chunks = perm[:total].view(self.num_batches, self.world, self.b)[:, self.rank]
+        return iter(chunks.flatten().tolist())
+
+    def __len__(self) -> int:
+        return self.num_batches * self.b
+
+
+def train_loader(ds: torch.utils.data.Dataset, cfg: TrainConfig, info: DistInfo, epoch: int,
+                 workers: int) -> torch.utils.data.DataLoader:
+    drop_last = len(ds) >= cfg.batch_size * info.world_size
+    sampler = GlobalBatchSampler(len(ds), cfg.batch_size, info.world_size, info.rank, cfg.seed, epoch, drop_last)
+    g = torch.Generator()
+    g.manual_seed(epoch_seed(cfg, epoch, info.rank))  # seeds the loader processes' RNGs
+    return torch.utils.data.DataLoader(ds, cfg.batch_size, sampler=sampler, num_workers=workers, generator=g,
+                                       drop_last=False, pin_memory=info.device.type == 'cuda')
+
+
+def eval_loader(ds: torch.utils.data.Dataset, batch_size: int, info: DistInfo,
+                workers: int) -> torch.utils.data.DataLoader:
+    if info.enabled:  # disjoint shards without padding, so summed counts are exact
+        ds = torch.utils.data.Subset(ds, range(info.rank, len(ds), info.world_size))
+    return torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=info.device.type == 'cuda')
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes: int, device: torch.device,
+             dtype: torch.dtype | None = None, info: DistInfo | None = None, channels_last: bool = False,
+             progress: bool = False, desc: str = 'val') -> dict:
+    """Loss, top-1/top-5 (percent) and the confusion matrix (rows: true class, columns: predicted)."""
+    info = info or DistInfo(device=device)
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    top5 = torch.zeros((), dtype=torch.int64)
+    k = min(5, num_classes)
+    bar = _bar(len(loader.dataset), desc, progress and info.main)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction='sum').double().cpu()
+        pred = logits.topk(k, 1).indices
+        top5 += (pred == y[:, None]).any(1).sum().cpu()
+        conf += torch.bincount((y * num_classes + pred[:, 0]).cpu(), minlength=num_classes ** 2).view_as(conf)
+        if bar:
+            bar.update(len(y))
+    if bar:
+        bar.close()
+    for t in (conf, loss_sum, top5):
+        all_reduce_sum(t, info)
+    n = int(conf.sum())
+    return dict(loss=float(loss_sum) / max(n, 1), top1=100.0 * float(conf.diag().sum()) / max(n, 1),
+                top5=100.0 * float(top5) / max(n, 1), n=n, confusion=conf)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    # img/s and ETA come from tqdm's rate; in a log file, one refresh every 30 s instead of a stream of \r.
+    return tqdm(total=total, desc=desc, unit='img', unit_scale=False, dynamic_ncols=tty, leave=False,
+                mininterval=0.5 if tty else 30, file=sys.stderr)
+
+
+# ---- reporting ----------------------------------------------------------------------------------------------------
+
+CSV_FIELDS = ['epoch', 'lr', 'train_loss', 'val_loss', 'top1', 'top5', 'top1_ema', 'img_per_s', 'epoch_seconds']
+
+
+def write_metrics(out: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_FIELDS, extrasaction='ignore')
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(out / 'metrics.csv', buf.getvalue())
+
+
+def plot_curves(out: Path, history: list[dict], title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'uniform-vit[train]'): no curves.png", file=sys.stderr)
+        return None
+    ep = [h['epoch'] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [h['train_loss'] for h in history], label='train loss')
+    a.plot(ep, [h.get('val_loss') for h in history], label='val loss')
+    a.set_xlabel('epoch')
+    a.set_ylabel('loss')
+    a.legend()
+    a.grid(alpha=0.3)
+    b.plot(ep, [h.get('top1') for h in history], label='val top-1')
+    if any(h.get('top1_ema') is not None for h in history):
+        b.plot(ep, [h.get('top1_ema') for h in history], label='val top-1 (EMA)')
+    b.set_xlabel('epoch')
+    b.set_ylabel('top-1 (%)')
+    b.legend()
+    b.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = out / 'curves.png'
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---- model --------------------------------------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> nn.Module:
+    import timm
+
+    import uniform_vit  # noqa: F401  (registers uniform_*)
+
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=cfg.drop_path)
+    if cfg.model.startswith('uniform_'):
+        kwargs['attn_type'] = cfg.attn_type
+    try:
+        return timm.create_model(cfg.model, pretrained=False, **kwargs)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise UserError(f"cannot build {cfg.model}: {str(e).splitlines()[0]}") from e
+
+
+def _checkpoint_in_chans(path: str | None) -> int | None:
+    if not path:
+        return None
+    from ..utils.checkpoint import read_checkpoint
+
+    state, meta = read_checkpoint(path)
+    if meta.get('in_chans'):
+        return int(meta['in_chans'])
+    first = next((v for v in state.values() if v.dim() == 4), None)
+    return int(first.shape[1]) if first is not None else None
+
+
+# ---- the run ------------------------------------------------------------------------------------------------------
+
+def _load_resume(cfg: TrainConfig) -> tuple[Path, dict] | None:
+    if not cfg.resume:
+        return None
+    path = Path(cfg.output) / CHECKPOINT if cfg.resume is True or cfg.resume == 'True' else Path(str(cfg.resume))
+    if not path.is_file():
+        raise UserError(f"--resume: no checkpoint at {path} (a run writes {CHECKPOINT} after its first epoch)")
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f"--resume: cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    if not isinstance(state, dict) or 'optimizer' not in state or 'epoch' not in state:
+        raise UserError(f"--resume: {path} is not a training checkpoint (no optimizer state); use --checkpoint")
+    return path, state
+
+
+def train(cfg: TrainConfig, model: nn.Module | None = None) -> dict:
+    """Train (or fine-tune) and return the summary written to ``<output>/summary.json``.
+
+    ``model``: an already built network (e.g. a converted one) to train instead of ``timm.create_model(cfg.model)``;
+    its classifier is reset when the class count differs from the dataset's.
+    """
+    info = init_distributed(cfg.device)
+    try:
+        return _train(cfg, model, info)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    from ..data import check_labels
+    from ..utils.checkpoint import load_checkpoint, save_checkpoint
+
+    resumed = _load_resume(cfg)
+    if resumed:  # the run's own settings, with what the user typed now (kept in cfg) on top
+        saved = config_from_dict(resumed[1]['config'])
+        cfg = config_from_dict({**config_dict(saved), **{k: v for k, v in config_dict(cfg).items()
+                                                          if k in _typed_keys(cfg)}})
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = info.device
+    out = Path(cfg.output)
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(info)
+
+    in_chans = cfg.in_chans or _checkpoint_in_chans(cfg.checkpoint) or (1 if cfg.dataset == 'fashion-mnist' else 3)
+    seed_everything(epoch_seed(cfg, -1, 0))  # same initial weights on every rank
+    train_ds, val_ds = build_datasets(cfg, in_chans)
+    classes = list(train_ds.classes)
+    num_classes = cfg.num_classes or len(classes)
+    check_labels(train_ds.targets, num_classes, f"{cfg.dataset or cfg.data_dir} (train)")
+    check_labels(val_ds.targets, num_classes, f"{cfg.dataset or cfg.data_dir} (val)")
+
+    if model is None:
+        model = build_model(cfg, num_classes, in_chans)
+    elif getattr(model, 'num_classes', num_classes) != num_classes:
+        model.reset_classifier(num_classes)
+    if cfg.checkpoint and not resumed:
+        load_checkpoint(model, cfg.checkpoint, reset_head=True)  # another class count: fresh head (fine-tuning)
+    model.to(device)
+    cl = cfg.channels_last and device.type == 'cuda'  # on CPU, channels-last slows UniForm's depthwise convs
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    params = sum(p.numel() for p in model.parameters())
+
+    total_batch = cfg.batch_size * info.world_size * cfg.grad_accum
+    lr = cfg.lr or cfg.base_lr * total_batch / 512
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps,
+                                    betas=cfg.betas)  # no decay on 1-d params (norms, biases), no_weight_decay()
+    workers = default_workers(cfg, info.world_size)
+    steps_per_epoch = len(train_loader(train_ds, cfg, info, 0, 0))
+    if steps_per_epoch == 0:
+        raise UserError(f"the training set ({len(train_ds)} images) is smaller than one batch per process")
+    updates_per_epoch = math.ceil(steps_per_epoch / cfg.grad_accum)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=min(cfg.warmup_lr, lr), min_lr=min(cfg.min_lr, lr),  # a peak below them must not ramp upwards
+        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        if cfg.batch_size % 2:
+            raise UserError(f"Mixup/CutMix need an even batch size, got {cfg.batch_size}")
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                      switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing, num_classes=num_classes)
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif cfg.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
+
+    start_epoch, history, train_seconds = 0, [], 0.0
+    best: dict[str, Any] = dict(top1=-1.0, epoch=-1, top5=None)
+    if resumed:
+        path, st = resumed
+        _unwrap(model).load_state_dict(st['model'])
+        optimizer.load_state_dict(st['optimizer'])
+        if ema is not None and st.get('model_ema') is not None:
+            ema.module.load_state_dict(st['model_ema'])
+        if st.get('scaler'):
+            scaler.load_state_dict(st['scaler'])
+        set_rng_state(st['rng'][info.rank] if info.rank < len(st['rng']) else st['rng'][0])
+        start_epoch, history, train_seconds = st['epoch'] + 1, list(st['history']), float(st['train_seconds'])
+        best = dict(st['best'])
+        if info.main:
+            print(f"resuming from {path}: epoch {start_epoch} of {cfg.epochs}", flush=True)
+        if start_epoch >= cfg.epochs:
+            raise UserError(f"{path} already finished {start_epoch} epochs; raise --epochs to train longer")
+
+    ddp = model
+    if info.enabled:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    meta = dict(model=cfg.model, num_classes=num_classes, in_chans=in_chans,
+                attn_type=getattr(model, 'attn_type', None), labels=classes, img_size=cfg.img_size,
+                mean=list(train_ds.mean), std=list(train_ds.std),
+                interpolation=cfg.interpolation, crop_pct=1.0, dataset=cfg.dataset or 'folder', fused=False)
+    if info.main:
+        _banner(cfg, info, params, len(train_ds), len(val_ds), total_batch, lr, in_chans, dtype, workers)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_everything(epoch_seed(cfg, epoch, info.rank))
+        loader = train_loader(train_ds, cfg, info, epoch, workers)
+        t0 = time.perf_counter()
+        ddp.train()
+        loss_sum, seen, bad = torch.zeros((), dtype=torch.float64), 0, torch.zeros(())
+        bar = _bar(len(loader) * cfg.batch_size * info.world_size, f'epoch {epoch + 1}/{cfg.epochs}',
+                   cfg.progress and info.main)
+        optimizer.zero_grad(set_to_none=True)
+        for step, (x, y) in enumerate(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if mixup is not None:
+                x, y = mixup(x, y)
+            last_micro = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
+            sync = nullcontext() if last_micro or not info.enabled else ddp.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+                    loss = criterion(ddp(x), y)
+                bad = (~torch.isfinite(loss.detach())).float().cpu()
+                if info.enabled:
+                    all_reduce_sum(bad, info)
+                if bad.item():
+                    break
+                scaler.scale(loss / cfg.grad_accum).backward()
+            if last_micro:
+                if cfg.clip_grad:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                num_updates = epoch * updates_per_epoch + (step // cfg.grad_accum) + 1
+                scheduler.step_update(num_updates)
+                if ema is not None:
+                    ema.update(model, step=num_updates)
+            loss_sum += loss.detach().double().cpu() * len(x)
+            seen += len(x)
+            if bar:
+                bar.update(len(x) * info.world_size)
+                bar.set_postfix(loss=f'{loss.item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+        if bar:
+            bar.close()
+        if bad.item():
+            good = out / CHECKPOINT
+            where = f"last good checkpoint: {good} (epoch {history[-1]['epoch']})" if history and good.is_file() \
+                else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: training stopped; "
+                                   f"{where}. Lower --lr or raise --warmup-epochs")
+        if info.enabled:  # DDP syncs gradients, not BN running stats: average them so every rank evaluates alike
+            from timm.utils import distribute_bn
+
+            distribute_bn(model, info.world_size, reduce=True)
+        epoch_time = time.perf_counter() - t0
+        train_seconds += epoch_time
+        totals = all_reduce_sum(torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64), info)
+        row: dict[str, Any] = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]['lr'],
+                                   train_loss=float(totals[0] / max(totals[1], 1)),
+                                   img_per_s=float(totals[1]) / epoch_time, epoch_seconds=epoch_time)
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            vl = eval_loader(val_ds, cfg.batch_size, info, workers)
+            res = evaluate(model, vl, num_classes, device, dtype, info, cl, cfg.progress, 'val')
+            row.update(val_loss=res['loss'], top1=res['top1'], top5=res['top5'])
+            winner, top1, top5 = model, res['top1'], res['top5']
+            if ema is not None:
+                res_ema = evaluate(ema.module, vl, num_classes, device, dtype, info, cl, cfg.progress, 'val (EMA)')
+                row['top1_ema'] = res_ema['top1']
+                if res_ema['top1'] > top1:
+                    winner, top1, top5 = ema.module, res_ema['top1'], res_ema['top5']
+            if top1 > best['top1']:
+                best = dict(top1=top1, top5=top5, epoch=epoch + 1, ema=winner is not model)
+                if info.main:
+                    save_checkpoint(winner, out / BEST, meta)
+        history.append(row)
+        if info.main:
+            rngs = [rng_state()]
+            atomic_torch_save(dict(
+                model=model.state_dict(), model_ema=ema.module.state_dict() if ema is not None else None,
+                optimizer=optimizer.state_dict(), scheduler=_plain(scheduler.state_dict()),
+                scaler=scaler.state_dict() if scaler.is_enabled() else None, epoch=epoch, rng=rngs,
+                config=config_dict(cfg), history=history, best=best, train_seconds=train_seconds, meta=meta),
+                out / CHECKPOINT)
+            write_metrics(out, history)
+            _epoch_line(row, cfg.epochs)
+        barrier(info)
+
+    rank_diff = _rank_weight_diff(model, info)
+    summary = dict(
+        model=cfg.model, attn_type=meta['attn_type'], params=params, dataset=meta['dataset'], img_size=cfg.img_size,
+        in_chans=in_chans, num_classes=num_classes, epochs=len(history), best_top1=round(best['top1'], 3),
+        best_top5=None if best['top5'] is None else round(best['top5'], 3), best_epoch=best['epoch'],
+        best_is_ema=bool(best.get('ema')), final_top1=history[-1].get('top1'), final_top5=history[-1].get('top5'),
+        train_seconds=round(train_seconds, 1),
+        train_img_per_s=round(sum(h['img_per_s'] for h in history) / len(history), 1),
+        total_batch=total_batch, lr=lr, world_size=info.world_size, rank_weight_max_diff=rank_diff, device=str(device),
+        threads=torch.get_num_threads(), torch=torch.__version__, recipe=cfg.recipe,
+        unreadable_images=len(getattr(getattr(train_ds, 'dataset', train_ds), 'bad_files', [])) +
+        len(getattr(getattr(val_ds, 'dataset', val_ds), 'bad_files', [])),
+        best_checkpoint=str(out / BEST), last_checkpoint=str(out / LAST), config=config_dict(cfg))
+    if info.main:
+        save_checkpoint(ema.module if ema is not None and best.get('ema') else model, out / LAST, meta)
+        atomic_write_text(out / 'summary.json', json.dumps(summary, indent=2) + '\n')
+        plot_curves(out, history, f"{cfg.model} ({meta['attn_type'] or ''}) on {meta['dataset']}, {cfg.img_size} px")
+        if summary['unreadable_images']:
+            print(f"warning: {summary['unreadable_images']} unreadable image(s) were skipped (named above)",
+                  file=sys.stderr)
+        print(f"done: best top-1 {summary['best_top1']:.2f} % at epoch {summary['best_epoch']}, "
+              f"{summary['train_seconds']:.0f} s training; {out / 'summary.json'}", flush=True)
+    barrier(info)
+    return summary
+
+
+def _rank_weight_diff(model: nn.Module, info: DistInfo) -> float | None:
+    """Largest |weight - rank 0's weight| over all ranks (0.0 when DDP kept them in step); None for one process."""
+    if not info.enabled:
+        return None
+    import torch.distributed as dist
+
+    flat = torch.cat([t.detach().float().flatten() for t in model.state_dict().values() if t.is_floating_point()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
+def _plain(d: dict) -> dict:
+    """Keep only what torch.load(weights_only=True) can read back."""
+    ok = (int, float, str, bool, type(None), list, tuple, torch.Tensor)
+    return {k: v for k, v in d.items() if isinstance(v, ok)}
+
+
+def _typed_keys(cfg: TrainConfig) -> set[str]:
+    return set(getattr(cfg, '_typed', ())) | {'resume', 'output'}
+
+
+def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: int, total_batch: int, lr: float,
+            in_chans: int, dtype: torch.dtype | None, workers: int) -> None:
+    dev = torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else f'CPU x{torch.get_num_threads()}'
+    print(f"uniform-vit train | torch {torch.__version__} | {dev} | processes {info.world_size} | "
+          f"amp {str(dtype).replace('torch.', '') if dtype else 'off'} | loader workers {workers}", flush=True)
+    print(f"{cfg.model} ({cfg.attn_type}, {params / 1e6:.2f} M params, in_chans {in_chans}) | "
+          f"{cfg.dataset or cfg.data_dir}: {n_train} train / {n_val} val at {cfg.img_size} px | recipe {cfg.recipe} | "
+          f"{cfg.epochs} epochs, batch {total_batch} (= {cfg.batch_size} x {info.world_size} x {cfg.grad_accum}), "
+          f"lr {lr:.3g} | output {cfg.output}", flush=True)
+
+
+def _epoch_line(row: dict, epochs: int) -> None:
+    val = '' if row.get('top1') is None else \
+        f" | val loss {row['val_loss']:.4f} top-1 {row['top1']:.2f} top-5 {row['top5']:.2f}"
+    ema = '' if row.get('top1_ema') is None else f" (EMA {row['top1_ema']:.2f})"
+    print(f"epoch {row['epoch']:>3}/{epochs} | train loss {row['train_loss']:.4f}{val}{ema} | lr {row['lr']:.2e} | "
+          f"{row['img_per_s']:.0f} img/s | {row['epoch_seconds']:.0f} s", flush=True)

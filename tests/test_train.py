@@ -1,0 +1,189 @@
+"""Training and evaluation on tiny synthetic sets: CLI outputs, determinism, SIGKILL + resume, NaN stop, YAML vs
+flags, fine-tuning with a new head, and 2-process gloo DDP under torchrun."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from uniform_vit.errors import UserError
+from uniform_vit.train.config import make_config
+from uniform_vit.train.engine import CHECKPOINT, TrainingDiverged, train
+
+TINY = dict(dataset='synthetic', img_size=32, batch_size=16, train_samples=64, val_samples=32, threads=1,
+            progress=False, workers=0)
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+
+
+def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'uniform_vit.cli.main', *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def tiny_flags(out: Path, **extra) -> list[str]:
+    flags = ['train', '--dataset', 'synthetic', '--img-size', '32', '--batch-size', '16', '--train-samples', '64',
+             '--val-samples', '32', '--threads', '1', '--no-progress', '--workers', '0', '--output', str(out)]
+    for k, v in extra.items():
+        flags += [f"--{k.replace('_', '-')}", *([str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)])]
+    return flags
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def test_cli_train_writes_metrics_summary_curves_and_val_reads_it(tmp_path, capsys):
+    out = tmp_path / 'run'
+    r = cli(*tiny_flags(out, epochs=2, recipe='small', lr=3e-3))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'epoch   2/2' in r.stdout and 'img/s' in r.stdout
+    rows = list(csv.DictReader((out / 'metrics.csv').read_text().splitlines()))
+    assert [int(r['epoch']) for r in rows] == [1, 2] and all(float(r['top1']) >= 0 for r in rows)
+    s = json.loads((out / 'summary.json').read_text())
+    for key in ('best_top1', 'best_epoch', 'epochs', 'train_seconds', 'model', 'params'):
+        assert key in s
+    assert s['epochs'] == 2 and s['model'] == 'uniform_t' and s['params'] > 1e6
+    assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+    from uniform_vit.cli.val import validate
+
+    # the same weights on the same 32 validation images give the training run's best top-1 again
+    res = validate(str(out / 'model_best.safetensors'), samples=32, plot=str(tmp_path / 'cm.png'), progress=False)
+    assert res['dataset'] == 'synthetic' and res['n'] == 32 and res['img_size'] == 32
+    assert res['top1'] == pytest.approx(s['best_top1'], abs=1e-3)
+    assert res['labels'][:2] == ['class_0', 'class_1'] and len(res['confusion']) == 10
+    assert sum(map(sum, res['confusion'])) == 32 and 0 <= res['top1'] <= res['top5'] <= 100
+    assert (tmp_path / 'cm.png').read_bytes()[:4] == b'\x89PNG'
+
+    from uniform_vit.cli.main import main
+
+    assert main(['val', '--checkpoint', str(out / 'model_best.safetensors'), '--samples', '32', '--json',
+                 '--plot', str(tmp_path / 'cm2.png')]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed['top1'] == res['top1'] and (tmp_path / 'cm2.png').is_file()
+    assert main(['val', '--checkpoint', str(tmp_path / 'missing.safetensors')]) == 2
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path):
+    # paper recipe: Mixup/CutMix, RandAugment, random erasing and drop-path all draw random numbers
+    kw = dict(TINY, recipe='paper', epochs=2, warmup_epochs=1, drop_path=0.1, model_ema=True, train_samples=32,
+              val_samples=16)
+    a = train(make_config(**kw, output=str(tmp_path / 'a'), seed=3))
+    b = train(make_config(**kw, output=str(tmp_path / 'b'), seed=3))
+    c = train(make_config(**kw, output=str(tmp_path / 'c'), seed=4))
+    wa, wb, wc = (weights(tmp_path / n / 'model_last.safetensors') for n in 'abc')
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    ma, mb = (list(csv.DictReader((tmp_path / n / 'metrics.csv').read_text().splitlines())) for n in 'ab')
+    for ra, rb in zip(ma, mb):
+        assert (ra['train_loss'], ra['top1'], ra['top1_ema']) == (rb['train_loss'], rb['top1'], rb['top1_ema'])
+    assert a['best_top1'] == b['best_top1'] and c['epochs'] == 2
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    kw = dict(epochs=3, recipe='small', seed=7, lr=2e-3)
+    ref = train(make_config(**{**TINY, **kw}, output=str(tmp_path / 'ref')))
+    out = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, '-m', 'uniform_vit.cli.main', *tiny_flags(out, **kw)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (out / CHECKPOINT).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # mid-run: the first checkpoint has just appeared
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+    assert not (out / 'summary.json').exists()
+    done = torch.load(out / CHECKPOINT, weights_only=True)['epoch'] + 1
+    assert 1 <= done < 3
+    r = cli(*tiny_flags(out, **kw), '--resume')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f'resuming from {out / CHECKPOINT}: epoch {done} of 3' in r.stdout
+    w_ref, w_res = weights(tmp_path / 'ref' / 'model_last.safetensors'), weights(out / 'model_last.safetensors')
+    assert all(torch.equal(w_ref[k], w_res[k]) for k in w_ref)
+    rows_ref = list(csv.DictReader((tmp_path / 'ref' / 'metrics.csv').read_text().splitlines()))
+    rows_res = list(csv.DictReader((out / 'metrics.csv').read_text().splitlines()))
+    assert [(r['train_loss'], r['top1']) for r in rows_ref] == [(r['train_loss'], r['top1']) for r in rows_res]
+    assert json.loads((out / 'summary.json').read_text())['best_top1'] == ref['best_top1']
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    out = tmp_path / 'run'
+    train(make_config(**TINY, recipe='small', epochs=1, output=str(out)))
+    good = hashlib.sha256((out / CHECKPOINT).read_bytes()).hexdigest()
+    with pytest.raises(TrainingDiverged, match=r'loss is (nan|inf|-inf) at epoch 2.*last good checkpoint: .*epoch 1'):
+        train(make_config(output=str(out), resume=True, epochs=3, lr=1e30, warmup_epochs=0.0, progress=False,
+                          dataset='synthetic'))
+    assert hashlib.sha256((out / CHECKPOINT).read_bytes()).hexdigest() == good
+    assert torch.load(out / CHECKPOINT, weights_only=True)['epoch'] == 0
+
+
+def test_yaml_config_and_typed_flags_win(tmp_path, capsys):
+    y = tmp_path / 'c.yaml'
+    y.write_text('recipe: small\nepochs: 7\nimg-size: 48\nlr: 0.01\nscale: [0.5, 1.0]\ndataset: synthetic\n')
+    cfg = make_config(y, epochs=3)
+    assert (cfg.epochs, cfg.img_size, cfg.lr, cfg.scale, cfg.recipe) == (3, 48, 0.01, (0.5, 1.0), 'small')
+    assert cfg.mixup == 0.0 and cfg.aa is None  # the recipe's values under the file's
+    assert make_config(dataset='synthetic').mixup == 0.8  # paper recipe by default
+
+    from uniform_vit.cli.main import build_parser
+
+    args = build_parser().parse_args(['train', '--config', str(y), '--epochs', '3', '--no-model-ema'])
+    typed = {k for k in vars(args) if not k.startswith('_') and k != 'command'}
+    assert typed == {'config', 'epochs', 'model_ema'}  # untyped flags must not shadow the file
+    y.write_text('epohcs: 3\n')
+    with pytest.raises(UserError, match='did you mean epochs'):
+        make_config(y)
+    from uniform_vit.cli.main import main
+
+    assert main(['train', '--dataset', 'synthetic', '--img-size', '16', '--output', str(tmp_path / 'x')]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count('\n') == 0 and 'at least 32' in err
+
+
+def test_finetune_with_other_class_count_reinitialises_head(tmp_path):
+    train(make_config(**TINY, recipe='small', epochs=1, output=str(tmp_path / 'src')))
+    src = weights(tmp_path / 'src' / 'model_best.safetensors')
+    s = train(make_config(**TINY, recipe='small', epochs=1, num_classes=4, lr=1e-12, warmup_epochs=0.0, min_lr=0.0,
+                          checkpoint=str(tmp_path / 'src' / 'model_best.safetensors'), output=str(tmp_path / 'ft')))
+    ft = weights(tmp_path / 'ft' / 'model_last.safetensors')
+    assert s['num_classes'] == 4 and ft['head.linear.weight'].shape == (4, src['head.linear.weight'].shape[1])
+    body = [k for k in src if k.endswith('weight') and not k.startswith('head') and src[k].dim() > 1]
+    assert body and all(torch.allclose(src[k], ft[k], atol=1e-6) for k in body)  # body loaded, barely moved
+    with pytest.raises(UserError, match='does not fit'):
+        train(make_config(**TINY, epochs=1, model='uniform_s', output=str(tmp_path / 'bad'),
+                          checkpoint=str(tmp_path / 'src' / 'model_best.safetensors')))
+
+
+def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
+    # No augmentation (each rank draws its own random numbers); SGD, whose update is linear in the gradient. Rank r
+    # gets the r-th slice of every global batch, so 2 processes x batch 8 must equal 1 process x batch 8 x 2
+    # accumulated micro-batches (same BatchNorm batches), up to float summation order.
+    same = dict(recipe='small', epochs=2, seed=5, opt='sgd', lr=0.05, weight_decay=0.0, scale=(1.0, 1.0),
+                ratio=(1.0, 1.0), hflip=0.0, reprob=0.0, smoothing=0.0, warmup_epochs=0.0, batch_size=8)
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           '-m', 'uniform_vit.cli.main', *tiny_flags(out, **same)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / 'summary.json').read_text())
+    assert s['world_size'] == 2 and s['total_batch'] == 16
+    assert s['rank_weight_max_diff'] == 0.0  # both ranks hold identical weights (and BN statistics)
+    single = tmp_path / 'single'
+    s1 = train(make_config(**{**TINY, **same}, grad_accum=2, output=str(single)))
+    assert s1['total_batch'] == 16
+    wd, ws = weights(out / 'model_last.safetensors'), weights(single / 'model_last.safetensors')
+    params = [k for k in ws if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    moved = max(float((ws[k] - wd[k]).abs().max()) for k in params)
+    assert moved < 1e-4, moved
+    assert any(float(ws[k].abs().max()) > 0 for k in params)
