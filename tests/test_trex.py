@@ -87,8 +87,9 @@ def test_uniform_reuse_layer_has_no_qk_and_saves_the_expected_flops(attn_type):
             assert isinstance(new, UniformReuseAttention)
             assert names == {'v_convs', 'proj'}
             dropped = [old.qk, old.q_dw, old.rel_bias]
-            qk, kq = old.qk_dim, old.q_dw.c.kernel_size[0]
-            macs = N * C * 2 * qk + N * qk * kq * kq + N * N * qk  # qk 1x1 conv, q 7x7 dw conv, q k^T
+            # q's 7x7 depthwise conv only runs the taps that reach the map (SameConv2d): (2*side-1)^2 on tiny maps
+            qk, kq = old.qk_dim, min(old.q_dw.c.kernel_size[0], 2 * side[s] - 1)
+            macs = N * C * 2 * qk + N * qk * kq * kq + N * N * qk  # qk 1x1 conv, q dw conv, q k^T
         else:
             assert isinstance(new, UniformMHAReuseAttention)
             assert names == {'v', 'proj'}
