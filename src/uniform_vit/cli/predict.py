@@ -12,9 +12,6 @@ EXAMPLES = """examples:
   uniform-vit predict a.jpg b.jpg --model uniform_s --checkpoint runs/s/model.safetensors --labels labels.txt
   uniform-vit predict shoe.png --json"""
 
-BUNDLED = {'uniform_t': 'uniform_t_fashion_mnist.safetensors'}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('images', nargs='+', help='image files (PNG, JPEG, ...)')
     p.add_argument('--model', default=None, help='timm model name (default: from the checkpoint, else uniform_t)')
@@ -27,10 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bundled_checkpoint(model: str) -> Path | None:
-    """The checkpoint shipped in the package for ``model``, if any."""
-    name = BUNDLED.get(model)
-    path = Path(__file__).resolve().parent.parent / 'weights' / name if name else None
-    return path if path is not None and path.is_file() else None
+    """The checkpoint shipped in the package for ``model`` (uniform_t: Fashion-MNIST), if any."""
+    from ..weights import default_checkpoint
+
+    return default_checkpoint() if model == 'uniform_t' else None
 
 
 def read_labels(path: str | None, meta_labels: list | None, num_classes: int) -> list[str]:
