@@ -75,6 +75,19 @@ def test_fashion_mnist_missing_files_offline_message(tmp_path):
         create_dataset('fashion-mnist', 'train', str(tmp_path), img_size=32, download=False)
 
 
+def test_fashion_mnist_lookup_order_without_data_dir(tmp_path, monkeypatch):
+    from uniform_vit.data import datasets
+
+    monkeypatch.setattr(datasets, '_debian_fashion_mnist', lambda: None)  # a machine without the Debian package
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    with pytest.raises(UserError, match='dataset-fashion-mnist'):  # download=False never touches the network
+        datasets.find_fashion_mnist(None, download=False)
+    raw = tmp_path / 'uniform-vit' / 'fashion-mnist' / 'FashionMNIST' / 'raw'
+    raw.mkdir(parents=True)
+    make_fashion(raw)  # an earlier download is found again, offline
+    assert datasets.find_fashion_mnist(None, download=False) == raw
+
+
 def _write_cifar10(root, n: int = 8, bad: bool = False):
     d = root / 'cifar-10-batches-py'
     d.mkdir()

@@ -176,25 +176,31 @@ def _debian_fashion_mnist() -> Path | None:
 
 
 def find_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """The folder holding the four idx files: ``data_dir``, the Debian package's folder, or a fresh download."""
+    """The folder holding the four idx files: ``data_dir``, the Debian package's folder, an earlier download, or a
+    fresh download (torchvision) when ``download`` is true."""
     stems = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
-    candidates = [Path(data_dir)] if data_dir else [_debian_fashion_mnist()]
+    cache = Path(data_dir) if data_dir else Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / \
+        'uniform-vit' / 'fashion-mnist'
+    raw = cache / 'FashionMNIST' / 'raw'  # where torchvision's download puts the idx files
+    candidates = [Path(data_dir), raw] if data_dir else [_debian_fashion_mnist(), raw]
     for root in candidates:
         if root is not None and all(_idx_file(root, s) for s in stems):
             return root
-    if data_dir and not download:
-        raise UserError(f"Fashion-MNIST idx files ({stems[0]}.gz, ...) not found in {data_dir}")
-    root = Path(data_dir) if data_dir else Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / \
-        'uniform-vit' / 'fashion-mnist'
+    where = data_dir or f"{DEBIAN_FASHION_MNIST} or {raw}"
+    if not download:
+        raise UserError(f"Fashion-MNIST idx files ({stems[0]}.gz, ...) not found in {where}; install the Debian "
+                        f"package dataset-fashion-mnist or pass --data-dir")
     try:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(root), download=True)
+        FashionMNIST(str(cache), download=True)
     except Exception as e:
-        raise UserError(f"Fashion-MNIST not found (looked in {data_dir or DEBIAN_FASHION_MNIST}) and the download "
-                        f"failed ({type(e).__name__}); install the Debian package dataset-fashion-mnist or pass "
-                        f"--data-dir with the four idx .gz files") from e
-    return root
+        raise UserError(f"Fashion-MNIST not found (looked in {where}) and the download failed "
+                        f"({type(e).__name__}: are you offline?); install the Debian package dataset-fashion-mnist or "
+                        f"pass --data-dir with the four idx .gz files") from e
+    if not all(_idx_file(raw, s) for s in stems):
+        raise UserError(f"Fashion-MNIST download finished but the idx files are not in {raw}")
+    return raw
 
 
 def fashion_mnist(split: str, data_dir: str | os.PathLike | None = None, in_chans: int = 1,
