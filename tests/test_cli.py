@@ -85,3 +85,26 @@ def test_predict_bad_inputs_are_one_line(tmp_path, gray_ckpt):
         assert msg in r.stderr, (msg, r.stderr)
         assert 'Traceback' not in r.stderr
         assert len([ln for ln in r.stderr.splitlines() if 'error' in ln]) == 1
+
+
+def test_predict_out_of_the_box_on_real_fashion_mnist(tmp_path):
+    """No --model, no --checkpoint: the bundled uniform_t Fashion-MNIST weights classify real test images."""
+    from uniform_vit.data import FASHION_MNIST_CLASSES, read_idx
+    from uniform_vit.data.datasets import find_fashion_mnist
+    from uniform_vit.errors import UserError
+
+    try:
+        root = find_fashion_mnist(None, download=False)
+    except UserError as e:
+        pytest.skip(f'Fashion-MNIST not installed: {e}')
+    images = read_idx(next(root.glob('t10k-images-idx3-ubyte*')))[:10]
+    labels = read_idx(next(root.glob('t10k-labels-idx1-ubyte*')))[:10]
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(tmp_path / f'{i}.png')
+        Image.fromarray(img).save(paths[-1])
+    out = json.loads(cli('predict', *paths, '--json', check=True).stdout)
+    # label names come from the checkpoint's metadata
+    assert out[0]['top'][0]['label'] == FASHION_MNIST_CLASSES[labels[0]]
+    correct = sum(r['top'][0]['class'] == int(y) for r, y in zip(out, labels))
+    assert correct >= 8, correct  # a 91.8 % model
