@@ -59,13 +59,14 @@ def positive_int(text: str) -> int:
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]], title: str | None = None) -> None:
-    """Print rows as a table for people. ``columns``: (key, header) pairs; values are shown as given."""
+    """Print rows as a table for people. ``columns``: (key, header) pairs; the first column (model or mechanism
+    names) is left-aligned and never wraps, the others are right-aligned numbers."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, header_style='bold')
-    for _, header in columns:
-        table.add_column(header, justify='right' if header not in ('model', 'source') else 'left')
+    for i, (_, header) in enumerate(columns):
+        table.add_column(header, justify='left' if i == 0 else 'right', no_wrap=i == 0)
     for r in rows:
         table.add_row(*('' if r.get(k) is None else str(r.get(k)) for k, _ in columns))
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(140, Console().width)).print(table)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import positive_int
+from ._common import positive_int, print_table
 
 HELP = 'Benchmark UniForm against its peers on this machine: img/s, latency, memory, share of matmul peak.'
 EXAMPLES = """examples:
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         console.print(banner(result))
-        print_rows(table_rows(result), TABLE_COLUMNS, 'UniForm vs peers (median of interleaved rounds)')
+        print_table(table_rows(result), TABLE_COLUMNS, 'UniForm vs peers (median of interleaved rounds)')
         for p in result['pairs']:
             console.print(f"  {p['model']} is {p['speedup']:.2f}x {p['peer']} "
                           f"(median of per-round ratios, spread {100 * p['speedup_spread']:.0f}%)")
@@ -116,14 +116,3 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_rows(rows: list[dict], columns: list[tuple[str, str]], title: str) -> None:
-    """A rich table whose first column (model / mechanism names) never wraps."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, header_style='bold')
-    for i, (_, header) in enumerate(columns):
-        table.add_column(header, justify='left' if i == 0 else 'right', no_wrap=i == 0)
-    for r in rows:
-        table.add_row(*('' if r.get(k) is None else str(r.get(k)) for k, _ in columns))
-    Console(width=max(140, Console().width)).print(table)

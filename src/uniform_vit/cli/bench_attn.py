@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..bench.attn import DEFAULT_TOKENS, MECHANISMS, ROW_FIELDS, plot_sweep, run_attn_bench
     from ..bench.models import check_outputs, write_csv
-    from .bench import print_rows
+    from ._common import print_table
 
     if args.list:
         for name, m in MECHANISMS.items():
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             d['mb'] = f"{r['bytes'] / 2**20:.3g}"
             d['speedup'] = f"{r['speedup']:.2f}x {r['vs']}" if r.get('speedup') else None
             shown.append(d)
-        print_rows(shown, [('mechanism', 'mechanism'), ('C', 'C'), ('h', 'h'), ('N', 'N'), ('ms', 'ms'),
+        print_table(shown, [('mechanism', 'mechanism'), ('C', 'C'), ('h', 'h'), ('N', 'N'), ('ms', 'ms'),
                            ('gflop', 'GFLOP'), ('gflops', 'GFLOP/s'), ('frac_of_peak', '% peak'),
                            ('mb', 'MB moved'), ('intensity', 'FLOP/B'), ('peak_mem_mb', 'peak MB'),
                            ('speedup', 'speed-up (paired)')], 'attention mechanisms (median of interleaved rounds)')
