@@ -565,7 +565,8 @@ def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: 
     dev = torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else f'CPU x{torch.get_num_threads()}'
     print(f"uniform-vit train | torch {torch.__version__} | {dev} | processes {info.world_size} | "
           f"amp {str(dtype).replace('torch.', '') if dtype else 'off'} | loader workers {workers}", flush=True)
-    print(f"{cfg.model} ({cfg.attn_type}, {params / 1e6:.2f} M params, in_chans {in_chans}) | "
+    kind = f"{cfg.attn_type}, " if cfg.model.startswith('uniform_') else ''  # attn_type only applies to UniForm
+    print(f"{cfg.model} ({kind}{params / 1e6:.2f} M params, in_chans {in_chans}) | "
           f"{cfg.dataset or cfg.data_dir}: {n_train} train / {n_val} val at {cfg.img_size} px | recipe {cfg.recipe} | "
           f"{cfg.epochs} epochs, batch {total_batch} (= {cfg.batch_size} x {info.world_size} x {cfg.grad_accum}), "
           f"lr {lr:.3g} | output {cfg.output}", flush=True)
