@@ -90,6 +90,8 @@ def predict(images: list[str], model_name: str | None = None, checkpoint: str | 
     from timm.data import create_transform, resolve_data_config
 
     from ..errors import UserError
+    from ..export.images import eval_stats
+    from ..export.model import default_img_size, input_channels
     from ..utils.checkpoint import model_from_checkpoint
     from ._common import check_model_name
 
@@ -104,18 +106,17 @@ def predict(images: list[str], model_name: str | None = None, checkpoint: str | 
         model = timm.create_model(model_name, num_classes=num_classes or 1000)
         meta = {}
     model.eval()
-    in_chans = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    in_chans = input_channels(model)
     n_cls = model.num_classes
     names = read_labels(labels, meta.get('labels'), n_cls)
+    # the checkpoint's preprocessing where it says, else the model config's (crop_pct, interpolation)
     cfg = resolve_data_config({}, model=model)
-    if meta.get('img_size'):
-        s = meta['img_size']
-        cfg['input_size'] = (in_chans, *(s if isinstance(s, (list, tuple)) else (s, s)))
-    for k in ('mean', 'std', 'interpolation', 'crop_pct'):
+    size = default_img_size(model, meta)
+    cfg['input_size'] = (in_chans, size, size)
+    cfg['mean'], cfg['std'] = eval_stats(meta, model, in_chans)
+    for k in ('interpolation', 'crop_pct'):
         if meta.get(k) is not None:
-            cfg[k] = tuple(meta[k]) if isinstance(meta[k], list) else meta[k]
-    if in_chans == 1 and len(cfg['mean']) == 3:
-        cfg['mean'], cfg['std'] = (sum(cfg['mean']) / 3,), (sum(cfg['std']) / 3,)
+            cfg[k] = meta[k]
     transform = create_transform(**cfg)
     k = max(1, min(top, n_cls))
     out = []

@@ -43,6 +43,7 @@ def validate(checkpoint: str | None = None, dataset: str | None = None, data_dir
 
     from uniform_vit.data import create_dataset
     from uniform_vit.errors import UserError
+    from uniform_vit.export.model import input_channels
     from uniform_vit.train.distributed import pick_device
     from uniform_vit.train.engine import evaluate
     from uniform_vit.utils.checkpoint import model_from_checkpoint
@@ -58,8 +59,7 @@ def validate(checkpoint: str | None = None, dataset: str | None = None, data_dir
     if not dataset:
         raise UserError(f"{checkpoint} does not say which dataset it was trained on; pass --dataset or --data-dir")
     size = img_size or meta.get('img_size') or 224
-    first_conv = next((p for p in net.parameters() if p.dim() == 4), None)
-    in_chans = meta.get('in_chans') or (first_conv.shape[1] if first_conv is not None else 3)
+    in_chans = meta.get('in_chans') or input_channels(net)
     mean, std = meta.get('mean'), meta.get('std')
     ds = create_dataset(dataset, split, data_dir, size, in_chans, train=False, interpolation=meta.get('interpolation')
                         or 'bicubic', mean=tuple(mean) if mean else None, std=tuple(std) if std else None,

@@ -27,7 +27,7 @@ def build_model(name: str | None, checkpoint: str | None = None, num_classes: in
         if num_classes is not None and num_classes != model.num_classes:
             raise CheckpointError(f"{checkpoint} has {model.num_classes} classes but --num-classes is {num_classes}; "
                                   f"drop --num-classes or pass {model.num_classes}")
-        got = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+        got = input_channels(model)
         if in_chans is not None and in_chans != got:
             raise CheckpointError(f"{checkpoint} takes {got}-channel images but --in-chans is {in_chans}")
         return model.eval(), meta
@@ -41,6 +41,7 @@ def build_model(name: str | None, checkpoint: str | None = None, num_classes: in
 
 
 def input_channels(model: nn.Module) -> int:
+    """Channels the model takes: those of its first conv (works for train and fused forms alike)."""
     return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
