@@ -167,3 +167,21 @@ def test_same_conv_crops_only_taps_that_see_padding(hw, groups):
     x = torch.randn(2, 6, *hw)
     ref = F.conv2d(x, conv.weight, conv.bias, padding=3, groups=groups)
     assert torch.allclose(conv(x), ref, atol=1e-6)
+
+
+def test_onednn_linear_matches_mm_and_stays_out_of_traces():
+    from uniform_vit.layers.gemm import linear_nt, onednn_linear_available
+
+    a, w = torch.randn(40, 300), torch.randn(24, 300)
+    if onednn_linear_available(a, w):
+        assert torch.allclose(linear_nt(a, w), a @ w.t(), rtol=1e-5, atol=1e-4)
+    assert not onednn_linear_available(a.double(), w.double())
+    assert not onednn_linear_available(a.requires_grad_(), w)
+    seen = []
+
+    def probe(x):
+        seen.append(onednn_linear_available(x))
+        return x + 1
+
+    torch.jit.trace(probe, torch.randn(2), check_trace=False)
+    assert seen == [False]  # jit.trace cannot record the oneDNN op, so traced code keeps torch.mm

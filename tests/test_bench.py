@@ -81,8 +81,10 @@ def test_matmul_peak_probe():
     fn2, _ = matmul_peak_fn((8, 4, 2), op='conv1x1')
     assert fn2().shape == (1, 2, 8, 1)  # 8 rows: neither 7x7 nor 4x4 maps
     assert matmul_peak_fn((98, 4, 2), op='conv1x1')[0]().shape == (2, 2, 7, 7)
+    a_fn, _ = matmul_peak_fn((8, 4, 2), op='onednn')
+    assert a_fn().shape == (8, 2)
     op, shape, rate = calibrate_matmul_peak(seconds=0.001, tries=1, shapes=((16, 16, 16), (32, 32, 32)))
-    assert op in ('mm', 'conv1x1') and shape in ((16, 16, 16), (32, 32, 32)) and rate > 0
+    assert op in ('mm', 'conv1x1', 'onednn') and shape in ((16, 16, 16), (32, 32, 32)) and rate > 0
     with pytest.raises(ValueError):
         matmul_peak_fn((2, 2, 2), op='fft')
 

@@ -58,6 +58,45 @@ def test_onnx_windowed_attention_with_padding_and_mha(tmp_path):
         assert max_abs_diff(model, OrtRunner(path), [torch.randn(2, 1, 128, 128)]) <= 1e-4
 
 
+def test_onnx_graph_is_plain_nchw(tmp_path):
+    # the deploy form runs channels-last in PyTorch; in an ONNX graph that would only add layout Transposes. At 64 px
+    # every stage fits one window, so the only Transposes left are q^T and A^T feeding a MatMul (onnxruntime folds
+    # those into the product); the channels-last graph had others, around the attention output.
+    import onnx
+
+    model = fused_model('uniform_t')
+    path = export_onnx(model, tmp_path / 't.onnx', (3, 64, 64))
+    graph = onnx.load(str(path)).graph
+    consumers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    transposes = [n for n in graph.node if n.op_type == 'Transpose']
+    assert transposes and all(consumers.get(n.output[0]) == ['MatMul'] for n in transposes)
+    assert max_abs_diff(model, OrtRunner(path), [torch.randn(2, 3, 64, 64)]) <= 1e-4
+
+
+@pytest.mark.parametrize('name,widths', [('uniform_t', [16, 16, 32, 64]), ('uniform_l', [32, 48, 96, 192])])
+def test_align_stem_channels_is_exact(name, widths):
+    from uniform_vit.export.onnx import align_stem_channels
+
+    model = fused_model(name)
+    wide = align_stem_channels(model, 16)
+    assert [c.out_channels for c in wide.patch_embed if isinstance(c, torch.nn.Conv2d)] == widths
+    assert [c.out_channels for c in model.patch_embed if isinstance(c, torch.nn.Conv2d)][0] == widths[-1] // 8
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(wide(x), model(x))
+    assert align_stem_channels(model, 8 if name == 'uniform_t' else 1) is model  # nothing to round
+    assert align_stem_channels(torch.nn.Linear(2, 2), 16).__class__ is torch.nn.Linear  # no stem: unchanged
+
+
+def test_onnx_align_channels_parity(tmp_path):
+    model = fused_model('uniform_t')
+    path = export_onnx(model, tmp_path / 'a.onnx', (3, 64, 64), align_channels=16)
+    assert max_abs_diff(model, OrtRunner(path), [torch.randn(3, 3, 64, 64)]) <= 1e-4
+
+
 def test_static_batch_is_fixed(tmp_path):
     model = fused_model('uniform_t', in_chans=1)
     path = export_onnx(model, tmp_path / 'static.onnx', (1, 64, 64), dynamic_batch=False)
@@ -180,6 +219,9 @@ def test_cli_export_int8_from_checkpoint_with_image_folder(tmp_path, tiny_checkp
     (dict(int8=True, calib_data='fashion-mnist', calib_method='magic'), "unknown --calib-method 'magic'"),
     (dict(model_name='uniform_tt'), "did you mean 'uniform_t'"),
     (dict(img_size=16), 'at least 32'),
+    (dict(align_channels='wide'), "--align-channels takes a positive integer or 'auto', got 'wide'"),
+    (dict(align_channels='0'), "--align-channels takes a positive integer or 'auto', got '0'"),
+    (dict(fmt='torchscript', align_channels='auto'), 'apply to --format onnx only'),
 ])
 def test_export_bad_arguments_are_user_errors(tmp_path, tiny_checkpoint, kwargs, message):
     from uniform_vit.cli.export import export_model

@@ -157,3 +157,15 @@ def test_bad_arguments():
         timm.create_model('uniform_t', attn_type='nope')
     with pytest.raises(RuntimeError, match='no pretrained'):
         timm.create_model('uniform_t', pretrained=True)
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 9, 7), (2, 1, 8, 8), (2, 4, 5, 6), (1, 16, 4, 4)])
+def test_deploy_stem_channels_last_copy(shape):
+    from uniform_vit.models.uniform import _to_channels_last
+
+    x = torch.randn(shape)
+    y = _to_channels_last(x)
+    ref = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, ref) and y.stride() == ref.stride()
+    nc = torch.randn(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)  # already channels-last
+    assert _to_channels_last(nc).data_ptr() == nc.data_ptr()

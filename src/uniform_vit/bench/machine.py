@@ -49,15 +49,18 @@ def _logical_cpus() -> int:
 # (m, k, n) GEMMs: squares, and the shapes the models' 1x1 convs and attention produce (m = 784 = 16 x 7 x 7)
 PEAK_SHAPES = ((512, 512, 512), (1024, 1024, 1024), (784, 128, 256), (784, 256, 128), (784, 288, 576),
                (256, 384, 768), (3136, 256, 256))
-PEAK_OPS = ('mm', 'conv1x1')  # torch.mm (BLAS: MKL/OpenBLAS) and a channels-last 1x1 conv (oneDNN's GEMM)
+# torch.mm (BLAS: MKL/OpenBLAS), a channels-last 1x1 conv (oneDNN's GEMM) and oneDNN's matmul (uniform_vit.layers.gemm:
+# on AMD CPUs MKL runs AVX2 kernels and oneDNN AVX-512, so the peak must include the faster library)
+PEAK_OPS = ('mm', 'conv1x1', 'onednn')
 
 
 def matmul_peak_fn(shape: tuple[int, int, int], device: str | torch.device = 'cpu',
                    dtype: torch.dtype = torch.float32, op: str = 'mm',
                    repeat: int = 1) -> tuple[Callable[[], object], float]:
-    """(fn, flops): ``repeat`` (m, k) @ (k, n) products, as ``torch.mm`` into a preallocated output or
+    """(fn, flops): ``repeat`` (m, k) @ (k, n) products, as ``torch.mm`` into a preallocated output,
     (``op='conv1x1'``) as a 1x1 convolution of channels-last maps with m pixels in all, which is how the pointwise
-    convs reach oneDNN. ``repeat`` makes one call long enough (~10 ms) to time reliably inside the rounds."""
+    convs reach oneDNN, or (``op='onednn'``) through oneDNN's matmul. ``repeat`` makes one call long enough
+    (~10 ms) to time reliably inside the rounds."""
     m, k, n = shape
     if op == 'conv1x1':
         # m rows as a batch of 7x7 (or 4x4) maps, the models' own shapes: oneDNN blocks these best (measured up to
@@ -66,6 +69,15 @@ def matmul_peak_fn(shape: tuple[int, int, int], device: str | torch.device = 'cp
         x = torch.randn(bhw[0], k, *bhw[1:], device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         w = torch.randn(n, k, 1, 1, device=device, dtype=dtype)
         one = lambda: torch.nn.functional.conv2d(x, w)  # noqa: E731
+    elif op == 'onednn':
+        from ..layers.gemm import linear_nt, onednn_linear_available
+
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        if not onednn_linear_available(a, w):
+            one = lambda: torch.mm(a, w.t())  # noqa: E731  (no oneDNN here: same as 'mm')
+        else:
+            one = lambda: linear_nt(a, w)  # noqa: E731
     elif op == 'mm':
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)

@@ -162,12 +162,14 @@ def make_runner(model: nn.Module, backend: str, example: torch.Tensor, settings:
             raise UserError(f"torch.compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     # onnxruntime
     try:
-        from ..export.onnx import OrtRunner, export_onnx
+        from ..export.onnx import OrtRunner, export_onnx, ort_channel_block
     except ImportError as e:
         raise UserError(f"--backend onnxruntime needs uniform_vit.export.onnx and onnxruntime ({e})") from e
     path = os.path.join(workdir, f'{name}.onnx')
     with quiet():
-        export_onnx(model, path, input_size=tuple(example.shape[1:]), dynamic_batch=True)
+        # every model's stem widened alike for this machine's blocked conv layout (a no-op where nothing to round)
+        export_onnx(model, path, input_size=tuple(example.shape[1:]), dynamic_batch=True,
+                    align_channels=ort_channel_block())
     if settings.int8:
         from ..export.quant import quantize_int8
 

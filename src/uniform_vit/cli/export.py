@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--calib-method', default=None, help='minmax, entropy or percentile (default)')
     p.add_argument('--check-samples', type=positive_int, default=64, help='real images in the parity check')
     p.add_argument('--simplify', action='store_true', help='simplify the ONNX graph with onnxslim/onnxsim if installed')
+    p.add_argument('--align-channels', default=None, metavar='N|auto',
+                   help="ONNX: widen the stem's convs to a multiple of N channels with zero filters (exact) for "
+                        "onnxruntime's blocked x86 convs; 'auto' = this machine's block (16 AVX-512, 8 AVX2)")
     p.add_argument('--json', action='store_true', help='print the report as JSON')
 
 
@@ -51,7 +54,8 @@ def export_model(model_name: str | None, output: str, fmt: str = 'onnx', checkpo
                  num_classes: int | None = None, in_chans: int | None = None, attn_type: str | None = None,
                  img_size: int | None = None, opset: int | None = None, dynamic_batch: bool = True,
                  int8: bool = False, calib_data: str | None = None, calib_samples: int = 512,
-                 calib_method: str | None = None, check_samples: int = 64, simplify: bool = False) -> dict:
+                 calib_method: str | None = None, check_samples: int = 64, simplify: bool = False,
+                 align_channels: int | str | None = None) -> dict:
     """Export and verify; returns a report dict (``ok`` is False when fp32 parity exceeds the tolerance)."""
     import sys
     import tempfile
@@ -70,6 +74,7 @@ def export_model(model_name: str | None, output: str, fmt: str = 'onnx', checkpo
         check_output_path,
         export_onnx,
         max_abs_diff,
+        ort_channel_block,
         simplify_onnx,
     )
     from ..layers.fuse import count_batchnorms, reparameterize
@@ -77,8 +82,19 @@ def export_model(model_name: str | None, output: str, fmt: str = 'onnx', checkpo
     # cheap argument checks first, before any model is built
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt != 'onnx' and (int8 or opset is not None or simplify):
-        raise UserError("--int8, --opset and --simplify apply to --format onnx only")
+    if fmt != 'onnx' and (int8 or opset is not None or simplify or align_channels):
+        raise UserError("--int8, --opset, --simplify and --align-channels apply to --format onnx only")
+    align = None
+    if align_channels is not None:
+        if str(align_channels) == 'auto':
+            align = ort_channel_block()
+        else:
+            try:
+                align = int(align_channels)
+            except ValueError:
+                align = 0
+            if align < 1:
+                raise UserError(f"--align-channels takes a positive integer or 'auto', got {align_channels!r}")
     if int8 and not calib_data:
         raise UserError("--int8 needs --calib-data DIR (real images to calibrate activation ranges)")
     if calib_method is not None:
@@ -103,7 +119,7 @@ def export_model(model_name: str | None, output: str, fmt: str = 'onnx', checkpo
     mean, std = eval_stats(meta, model, chans, calib_data)
     report = dict(model=name, checkpoint=checkpoint, format=fmt, output=str(output), input_size=list(input_size),
                   fused=count_batchnorms(fused) == 0, dynamic_batch=dynamic_batch or fmt == 'torchscript',
-                  int8=int8, torch=torch.__version__, tolerance=PARITY_TOL)
+                  int8=int8, align_channels=align, torch=torch.__version__, tolerance=PARITY_TOL)
 
     # real images for the check: the calibration source's images, else Fashion-MNIST's test set when installed
     real_source = calib_data or 'fashion-mnist'
@@ -135,7 +151,7 @@ def export_model(model_name: str | None, output: str, fmt: str = 'onnx', checkpo
     else:
         with tempfile.TemporaryDirectory() as tmp:
             fp32_path = Path(tmp) / 'fp32.onnx' if int8 else Path(output)
-            export_onnx(fused, fp32_path, input_size, opset=opset, dynamic_batch=dynamic_batch)
+            export_onnx(fused, fp32_path, input_size, opset=opset, dynamic_batch=dynamic_batch, align_channels=align)
             if simplify:
                 report['simplified_with'] = simplify_onnx(fp32_path) or 'none installed (pip install onnxslim)'
             report.update(check_onnx(fp32_path))
@@ -178,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
 
     report = export_model(args.model, args.output, args.format, args.checkpoint, args.num_classes, args.in_chans,
                           args.attn_type, args.img_size, args.opset, args.dynamic_batch, args.int8, args.calib_data,
-                          args.calib_samples, args.calib_method, args.check_samples, args.simplify)
+                          args.calib_samples, args.calib_method, args.check_samples, args.simplify,
+                          args.align_channels)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import UserError
 
@@ -74,12 +75,68 @@ def _atomic_target(path: Path):
         Path(tmp).unlink(missing_ok=True)
 
 
+def ort_channel_block() -> int | None:
+    """Channel block of onnxruntime's blocked (NCHWc) CPU convolutions on this machine: 16 with AVX-512, 8 with
+    AVX2, None where onnxruntime does not block (ARM, older x86)."""
+    import platform
+
+    if platform.machine().lower() not in ('x86_64', 'amd64'):
+        return None
+    cap = torch.backends.cpu.get_cpu_capability()
+    return 16 if cap.startswith('AVX512') else 8 if cap == 'AVX2' else None
+
+
+_ZERO_PRESERVING = (nn.ReLU, nn.ReLU6, nn.GELU, nn.Hardswish, nn.SiLU, nn.Identity)
+
+
+def align_stem_channels(model: nn.Module, multiple: int) -> nn.Module:
+    """Return a copy of ``model`` computing the same function whose stem convolutions have output widths rounded up
+    to a multiple of ``multiple`` (zero filters, and zero input taps in the next conv), or ``model`` itself when it
+    has no such stem or nothing to round.
+
+    The stem is ``model.patch_embed`` when it is a plain Sequential of dense convs and activations with f(0) = 0:
+    UniForm's, and EfficientViT-M's and SHViT's after fusing. Why: onnxruntime's x86 convolutions work in blocks of
+    16 (AVX-512) or 8 (AVX2) channels; uniform_t's first conv has 8 outputs, so on an AVX-512 machine its result is
+    reordered back to plain NCHW before the next conv. The extra zero channels cost a few MACs and save that reorder
+    (see benchmarks/RESULTS.md); the exported graph is tuned for one machine, like onnxruntime's own NCHWc graphs.
+    """
+    stem = getattr(model, 'patch_embed', None)
+    if multiple <= 1 or not isinstance(stem, nn.Sequential):
+        return model
+    layers = list(stem)
+    convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+    if not convs or any(not isinstance(m, (nn.Conv2d, *_ZERO_PRESERVING)) for m in layers) \
+            or any(layers[i].groups != 1 or layers[i].padding_mode != 'zeros' for i in convs):
+        return model
+    widen = [(-layers[i].out_channels) % multiple for i in convs[:-1]] + [0]
+    if not any(widen):
+        return model
+    import copy
+
+    new = copy.deepcopy(model)
+    extra_in = 0
+    for i, extra_out in zip(convs, widen):
+        c = new.patch_embed[i]
+        if extra_in or extra_out:
+            w = F.pad(c.weight.detach(), (0, 0, 0, 0, 0, extra_in, 0, extra_out))
+            b = c.bias.detach() if c.bias is not None else c.weight.new_zeros(c.out_channels)
+            wide = nn.Conv2d(w.shape[1], w.shape[0], c.kernel_size, c.stride, c.padding, c.dilation,
+                             device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                wide.weight.copy_(w)
+                wide.bias.copy_(F.pad(b, (0, extra_out)))
+            new.patch_embed[i] = wide
+        extra_in = extra_out
+    return new
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int] = (3, 224, 224),
-                opset: int | None = None, dynamic_batch: bool = True) -> Path:
+                opset: int | None = None, dynamic_batch: bool = True, align_channels: int | None = None) -> Path:
     """Export ``model`` (already fused and in eval mode) to one ``.onnx`` file; input 'input', output 'logits'.
 
     ``input_size`` is (C, H, W); the spatial size is fixed in the graph (window partitioning depends on it), the
-    batch axis is symbolic unless ``dynamic_batch=False``. Returns the path written.
+    batch axis is symbolic unless ``dynamic_batch=False``. ``align_channels`` (e.g. :func:`ort_channel_block`)
+    widens the stem's convs for onnxruntime's blocked layout (:func:`align_stem_channels`). Returns the path written.
     """
     _require('onnx')
     _require('onnxscript')
@@ -87,6 +144,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
     opset = check_opset(opset)
     if model.training:
         raise ValueError("export_onnx needs a model in eval mode (fused with uniform_vit.layers.fuse.reparameterize)")
+    if align_channels:
+        model = align_stem_channels(model, align_channels)
     example = torch.randn(2 if dynamic_batch else 1, *input_size)  # batch 2: a batch of 1 would be specialised
     dynamic_shapes = ({0: torch.export.Dim('batch', min=1)},) if dynamic_batch else None
     with _atomic_target(path) as tmp, warnings.catch_warnings(), torch.no_grad():

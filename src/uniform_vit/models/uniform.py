@@ -78,7 +78,20 @@ class DeployStem(nn.Sequential):
     tokens). Same children and state-dict keys as :class:`Stem`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.contiguous(memory_format=torch.channels_last))
+        if torch.onnx.is_in_onnx_export():
+            # an ONNX graph has no memory formats: the channels-last code paths downstream would only add Transpose
+            # nodes, and onnxruntime picks its own blocked conv layout from plain NCHW
+            return super().forward(x)
+        return super().forward(_to_channels_last(x))
+
+
+def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x.contiguous(memory_format=torch.channels_last)``, faster for an NCHW image batch with 2-4 channels:
+    PyTorch's generic permute-copy for C = 3 ran at ~3 GB/s here and cost ~14 % of a fused uniform_t step at batch
+    16; stacking the C planes along a new last axis writes the same (B, H, W, C) memory ~1.6x faster."""
+    if x.device.type == 'cpu' and 2 <= x.shape[1] <= 4 and x.is_contiguous() and not torch.jit.is_scripting():
+        return torch.stack(x.unbind(1), dim=-1).permute(0, 3, 1, 2)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class PatchMerging(nn.Module):
