@@ -87,8 +87,9 @@ class DeployStem(nn.Sequential):
 
 def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
     """``x.contiguous(memory_format=torch.channels_last)``, faster for an NCHW image batch with 2-4 channels:
-    PyTorch's generic permute-copy for C = 3 ran at ~3 GB/s here and cost ~14 % of a fused uniform_t step at batch
-    16; stacking the C planes along a new last axis writes the same (B, H, W, C) memory ~1.6x faster."""
+    PyTorch's generic permute-copy is slow for C = 3; stacking the C planes along a new last axis writes the same
+    (B, H, W, C) memory and made the whole fused, traced uniform_t 1.064x faster at batch 16 on one thread
+    (interleaved A/B, benchmarks/RESULTS.md). The copy is still ~17 % of that call: it is DRAM-bound."""
     if x.device.type == 'cpu' and 2 <= x.shape[1] <= 4 and x.is_contiguous() and not torch.jit.is_scripting():
         return torch.stack(x.unbind(1), dim=-1).permute(0, 3, 1, 2)
     return x.contiguous(memory_format=torch.channels_last)
