@@ -78,9 +78,10 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     Output rows are written token-major, (T, C) at a time, whatever the layout of ``v`` (a channel-major output would
     need a temporary and a copy per tile); the result is returned as a (B, C, N) view of (B, N, C) memory.
 
-    The value product, ~80 % of the FLOPs, goes through oneDNN when ``v`` is channel-major (its (C, N) rows are then
-    exactly the weight layout oneDNN wants, no copy) and the call is eager: 1.7-2x the rate of ``torch.mm`` on AMD
-    CPUs (see :mod:`uniform_vit.layers.gemm`)."""
+    In eager calls the value product, ~80 % of the FLOPs, goes through oneDNN: 1.7-2x the rate of ``torch.mm`` on
+    AMD CPUs (see :mod:`uniform_vit.layers.gemm`). oneDNN wants the values as a contiguous (C, N) weight: a
+    channel-major ``v`` already is one; a token-major ``v`` is copied into one (C, N) buffer per image, reused across
+    images (C x N floats more memory, which the doubled matmul rate repays many times over)."""
     from .gemm import linear_nt, onednn_linear_available
 
     B, C, N = v.shape
@@ -90,8 +91,11 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     buf = q.new_empty(min(tile, N), N)
     softmax_out = torch.ops.aten._softmax.out
     onednn = onednn_linear_available(q, k, v)
+    vbuf = v.new_empty(C, N) if onednn and not v[0].is_contiguous() else None
     for b in range(B):
-        vb = v[b] if onednn and v[b].is_contiguous() else None  # (C, N): a linear layer's (out, in) weight
+        vb = None  # (C, N) contiguous: a linear layer's (out, in) weight
+        if onednn:
+            vb = v[b] if vbuf is None else vbuf.copy_(v[b])
         for s in range(0, N, tile):
             e = min(s + tile, N)
             at = buf[:e - s]
