@@ -109,3 +109,23 @@ def test_cli_list_and_bad_mechanism(capsys):
     assert 'core_reuse_tiled' in capsys.readouterr().out
     assert main(['bench-attn', '--mechanisms', 'flash']) == 2
     assert 'unknown mechanism' in capsys.readouterr().err
+
+
+def test_cli_writes_json_csv_plot(tmp_path, capsys, monkeypatch):
+    from uniform_vit.cli.main import main
+
+    monkeypatch.chdir(tmp_path)  # so a stray file named '-' would land here
+    out = tmp_path / 'a.json'
+    assert main(['bench-attn', '--mechanisms', 'core_reuse_tiled,core_mha_sdpa', '--tokens', '49,196',
+                 '--channels', '32', '--rounds', '1', '--warmup', '0', '--json', str(out),
+                 '--csv', str(tmp_path / 'a.csv'), '--plot', str(tmp_path / 'a.png')]) == 0
+    assert 'core_reuse_tiled' in capsys.readouterr().out
+    rows = json.loads(out.read_text())['rows']
+    assert {(r['mechanism'], r['N']) for r in rows} == {(m, n) for m in ('core_reuse_tiled', 'core_mha_sdpa')
+                                                         for n in (49, 196)}
+    assert (tmp_path / 'a.csv').read_text().splitlines()[0].startswith('mechanism,')
+    assert (tmp_path / 'a.png').read_bytes()[:4] == b'\x89PNG'
+    assert main(['bench-attn', '--mechanisms', 'core_mha_sdpa', '--tokens', '49', '--channels', '32',
+                 '--rounds', '1', '--warmup', '0', '--json', '-']) == 0
+    assert json.loads(capsys.readouterr().out)['rows'][0]['mechanism'] == 'core_mha_sdpa'
+    assert not (tmp_path / '-').exists()  # '-' is stdout, not a file

@@ -9,6 +9,7 @@ does extra arithmetic (zero-padded kernels) earns nothing by it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import warnings
@@ -391,6 +392,19 @@ def write_csv(rows: list[dict], path: str, fields: tuple[str, ...]) -> None:
         w = csv.DictWriter(f, fieldnames=list(fields), extrasaction='ignore')
         w.writeheader()
         w.writerows(rows)
+
+
+def write_outputs(result: dict, json_path: str | None, csv_path: str | None, plot_path: str | None,
+                  fields: tuple[str, ...], plot: Callable[[dict, str], None]) -> None:
+    """The files a benchmark command was asked for (checked early by :func:`check_outputs`): ``--json`` (a path;
+    '-' means stdout, which the command prints itself), ``--csv`` (``result['rows']``) and ``--plot``."""
+    if json_path and json_path != '-':
+        with open(json_path, 'w') as f:
+            json.dump(result, f, indent=2)
+    if csv_path:
+        write_csv(result['rows'], csv_path, fields)
+    if plot_path:
+        plot(result, plot_path)
 
 
 def plot_top1_vs_throughput(result: dict, path: str) -> None:

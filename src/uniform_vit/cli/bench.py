@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         resolve_settings,
         run_bench,
         table_rows,
+        write_outputs,
     )
-    from ..bench.models import write_csv as write_rows_csv
 
     s = resolve_settings(settings_from_args(args))
     check_outputs(args.json, args.csv, args.plot)
@@ -106,13 +106,7 @@ def run(args: argparse.Namespace) -> int:
         for p in result['pairs']:
             console.print(f"  {p['model']} is {p['speedup']:.2f}x {p['peer']} "
                           f"(median of per-round ratios, spread {100 * p['speedup_spread']:.0f}%)")
-        if args.json:
-            with open(args.json, 'w') as f:
-                json.dump(result, f, indent=2)
-    if args.csv:
-        write_rows_csv(result['rows'], args.csv, ROW_FIELDS)
-    if args.plot:
-        plot_top1_vs_throughput(result, args.plot)
+    write_outputs(result, args.json, args.csv, args.plot, ROW_FIELDS, plot_top1_vs_throughput)
     return 0
 
 

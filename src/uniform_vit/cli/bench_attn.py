@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..bench.attn import DEFAULT_TOKENS, MECHANISMS, ROW_FIELDS, plot_sweep, run_attn_bench
-    from ..bench.models import check_outputs, write_csv
+    from ..bench.models import check_outputs, write_outputs
     from ._common import print_table
 
     if args.list:
@@ -97,11 +97,5 @@ def run(args: argparse.Namespace) -> int:
         for s in result['skipped']:
             console.print(f"  skipped {s['mechanism']} at C={s['C']} h={s['h']} N={s['N']}: {s['reason']}",
                           style='yellow')
-        if args.json:
-            with open(args.json, 'w') as f:
-                json.dump(result, f, indent=2)
-    if args.csv:
-        write_csv(result['rows'], args.csv, ROW_FIELDS)
-    if args.plot:
-        plot_sweep(result, args.plot)
+    write_outputs(result, args.json, args.csv, args.plot, ROW_FIELDS, plot_sweep)
     return 0
