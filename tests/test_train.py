@@ -165,6 +165,23 @@ def test_finetune_with_other_class_count_reinitialises_head(tmp_path):
                           checkpoint=str(tmp_path / 'src' / 'model_best.safetensors')))
 
 
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_channels_last_applies_on_cpu_and_checkpoints_load_either_way(tmp_path, channels_last):
+    import timm
+
+    model = timm.create_model('uniform_t', num_classes=10)
+    s = train(make_config(**TINY, recipe='small', epochs=1, channels_last=channels_last,
+                          output=str(tmp_path / 'run')), model=model)
+    # dense k x k convs only: a depthwise (C, 1, k, k) or 1x1 weight is contiguous in both formats
+    convs = [m.weight for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == channels_last for w in convs)
+    from uniform_vit.cli.val import validate
+
+    res = validate(str(tmp_path / 'run' / 'model_best.safetensors'), samples=32, progress=False)
+    assert res['top1'] == pytest.approx(s['best_top1'], abs=1e-3)
+
+
 def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
     # No augmentation (each rank draws its own random numbers); SGD, whose update is linear in the gradient. Rank r
     # gets the r-th slice of every global batch, so 2 processes x batch 8 must equal 1 process x batch 8 x 2

@@ -361,7 +361,9 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     if cfg.checkpoint and not resumed:
         load_checkpoint(model, cfg.checkpoint, reset_head=True)  # another class count: fresh head (fine-tuning)
     model.to(device)
-    cl = cfg.channels_last and device.type == 'cuda'  # on CPU, channels-last slows UniForm's depthwise convs
+    # channels-last on CPU too: a uniform_t training step at 96 px runs 1.43x faster (uniform_s 1.60x,
+    # efficientvit_m0 1.29x; benchmarks/RESULTS.md, section 3)
+    cl = cfg.channels_last
     if cl:
         model.to(memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,67 @@
+"""Training-step speed in NCHW against channels-last memory format, per model, on this CPU.
+
+    python benchmarks/scripts/train_layout_speed.py --models uniform_t,uniform_s,efficientvit_m0 --img-size 96 \
+        --batch-size 128 --in-chans 1 --threads 2
+
+The choice behind `uniform-vit train`'s channels-last default on CPUs. Both layouts of a model start from the same
+weights and run in one process, interleaved round by round (uniform_vit.bench.harness): one AdamW step on a fixed
+batch per call. The ratio column is the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+
+import timm
+import torch
+
+import uniform_vit  # noqa: F401
+from uniform_vit.bench.harness import interleaved_timing, median, spread
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--models', default='uniform_t,uniform_s,efficientvit_m0')
+    p.add_argument('--img-size', type=int, default=96)
+    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--in-chans', type=int, default=1)
+    p.add_argument('--num-classes', type=int, default=10)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--rounds', type=int, default=7)
+    args = p.parse_args()
+    warnings.filterwarnings('ignore')
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, args.in_chans, args.img_size, args.img_size)
+    y = torch.randint(0, args.num_classes, (args.batch_size,))
+    print(f'{args.img_size} px, batch {args.batch_size}, in_chans {args.in_chans}, {args.threads} threads, '
+          f'torch {torch.__version__}, {args.rounds} interleaved rounds, one AdamW step per call')
+    print('| model | NCHW img/s | channels-last img/s | channels-last / NCHW (spread) |')
+    print('|---|---|---|---|')
+    for name in args.models.split(','):
+        base = timm.create_model(name, num_classes=args.num_classes, in_chans=args.in_chans)
+        fns = {}
+        for layout in ('nchw', 'channels_last'):
+            model = copy.deepcopy(base).train()
+            xb = x
+            if layout == 'channels_last':
+                model = model.to(memory_format=torch.channels_last)
+                xb = x.contiguous(memory_format=torch.channels_last)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step(model=model, opt=opt, xb=xb):
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(xb), y).backward()
+                opt.step()
+
+            fns[layout] = step
+        t = interleaved_timing(fns, rounds=args.rounds, warmup=1)
+        ratios = [a / b for a, b in zip(t['nchw'], t['channels_last'])]
+        nchw, cl = (args.batch_size / median(t[k]) for k in ('nchw', 'channels_last'))
+        print(f'| {name} | {nchw:.0f} | {cl:.0f} | {median(ratios):.2f}x ({spread(ratios) * 100:.0f}%) |')
+
+
+if __name__ == '__main__':
+    main()
