@@ -46,6 +46,30 @@ def test_interleaving_order_and_times_with_fake_clock():
     assert median(times['a']) == 2.0
 
 
+def test_rewarm_calls_are_untimed_and_precede_each_timed_call():
+    clock, calls = FakeClock(), []
+
+    def make(name, cold, warm):
+        state = {'last': None}
+
+        def fn():
+            calls.append(name)
+            # a call right after another candidate's is slow (cold caches), one right after its own is fast
+            clock.now += warm if state['last'] == len(calls) - 2 else cold
+            state['last'] = len(calls) - 1
+        return fn
+
+    fns = {'a': make('a', 3.0, 1.0), 'b': make('b', 5.0, 2.0)}
+    cold = interleaved_timing(fns, rounds=2, warmup=0, clock=clock)
+    assert cold == {'a': [3.0, 3.0], 'b': [5.0, 5.0]}
+    calls.clear()
+    warm = interleaved_timing(fns, rounds=2, warmup=0, rewarm=1, clock=clock)
+    assert calls == ['a', 'a', 'b', 'b'] * 2
+    assert warm == {'a': [1.0, 1.0], 'b': [2.0, 2.0]}  # only the second call of each pair is timed
+    with pytest.raises(ValueError, match='rewarm'):
+        interleaved_timing(fns, rounds=1, rewarm=-1)
+
+
 def test_paired_ratio_differs_from_ratio_of_medians():
     a, b = [1.0, 10.0, 10.0, 1.0], [3.0, 20.0, 30.0, 2.0]  # b is 2-3x slower in every round, load varies a lot
     assert paired_ratio(a, b) == 2.5  # median of [3, 2, 3, 2]
@@ -100,7 +124,7 @@ def test_bench_json_schema_on_tiny_inputs(tmp_path):
     result = run_bench(s)
     assert set(result) == {'environment', 'settings', 'peak', 'rows', 'pairs'}
     assert {'cpu', 'threads', 'torch', 'timm', 'device'} <= set(result['environment'])
-    assert result['settings']['fused'] and result['settings']['backend'] == 'jit'
+    assert result['settings']['fused'] and result['settings']['backend'] == 'jit' and result['settings']['rewarm'] == 1
     rows = {r['model']: r for r in result['rows']}
     assert set(rows) == {'uniform_t', 'efficientvit_m0'}
     for r in rows.values():
@@ -119,9 +143,9 @@ def test_bench_json_schema_on_tiny_inputs(tmp_path):
 
 def test_settings_defaults_and_errors():
     s = resolve_settings(BenchSettings(models=['uniform_t']))
-    assert s.batch_size == 16 and s.threads == 1 and not s.amp
+    assert s.batch_size == 16 and s.threads == 1 and not s.amp and s.rewarm == 1
     for bad in (dict(batch_size=0), dict(threads=0), dict(backend='tensorrt'), dict(int8=True),
-                dict(device='tpu'), dict(img_size=8)):
+                dict(device='tpu'), dict(img_size=8), dict(rewarm=-1)):
         with pytest.raises(UserError):
             resolve_settings(BenchSettings(models=['uniform_t'], **bad))
 
@@ -146,6 +170,7 @@ def _main(capsys, *args: str) -> tuple[int, str]:
     (['--models', 'uniform_tt'], "did you mean 'uniform_t'"),
     (['--batch-size', '0'], 'must be at least 1'),
     (['--threads', '0'], 'must be at least 1'),
+    (['--rewarm', '-1'], '--rewarm must be at least 0'),
     (['--int8'], '--int8 needs --backend onnxruntime'),
     (['--models', 'nonexistent_*'], 'matches no model'),
     (['--full', '--models', 'uniform_t'], 'name different model sets'),

@@ -20,13 +20,18 @@ def _sync(device: str | torch.device | None) -> None:
 
 def interleaved_timing(fns: dict[str, Callable[[], object]], rounds: int = 10, warmup: int = 2, inner: int = 1,
                        device: str | torch.device | None = None, clock: Callable[[], float] = time.perf_counter,
-                       on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+                       on_round: Callable[[int], None] | None = None, rewarm: int = 0) -> dict[str, list[float]]:
     """Seconds per call of each fn, one entry per round. Each round runs every fn ``inner`` times, in turn.
 
+    ``rewarm``: untimed calls of each fn right before its timed ones in every round. Without them a candidate's
+    timed call starts with the caches full of the previous candidate's weights and activations, so its time depends
+    on which other candidates are in the rotation; with one, each is timed in the steady state of running it alone
+    (as a deployed model runs), while load bursts still hit every candidate in the same round.
     ``clock`` is injectable so tests can drive the harness with a fake clock.
     """
-    if rounds < 1 or warmup < 0 or inner < 1:
-        raise ValueError(f"need rounds >= 1, warmup >= 0, inner >= 1 (got {rounds}, {warmup}, {inner})")
+    if rounds < 1 or warmup < 0 or inner < 1 or rewarm < 0:
+        raise ValueError(f"need rounds >= 1, warmup >= 0, inner >= 1, rewarm >= 0 "
+                         f"(got {rounds}, {warmup}, {inner}, {rewarm})")
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -34,6 +39,9 @@ def interleaved_timing(fns: dict[str, Callable[[], object]], rounds: int = 10, w
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds):
         for name, fn in fns.items():
+            for _ in range(rewarm):
+                fn()
+            _sync(device)
             t0 = clock()
             for _ in range(inner):
                 fn()

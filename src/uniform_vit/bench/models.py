@@ -56,6 +56,7 @@ class BenchSettings:
     amp: bool | None = None  # None: on for CUDA
     rounds: int = 10
     warmup: int = 2
+    rewarm: int = 1  # untimed calls of a model right before its timed one in each round (steady state; harness doc)
     latency_rounds: int = 10  # batch-1 latency rounds; 0 skips them
     model_set: str = 'custom'
     notes: list[str] = field(default_factory=list)
@@ -75,8 +76,8 @@ def resolve_settings(s: BenchSettings) -> BenchSettings:
         raise UserError(f"batch size must be at least 1, got {s.batch_size}")
     if s.img_size is not None and s.img_size < 32:
         raise UserError(f"image size must be at least 32, got {s.img_size}")
-    if s.rounds < 1 or s.warmup < 0 or s.latency_rounds < 0:
-        raise UserError("need rounds >= 1, warmup >= 0, latency rounds >= 0")
+    if s.rounds < 1 or s.warmup < 0 or s.latency_rounds < 0 or s.rewarm < 0:
+        raise UserError("need rounds >= 1, warmup >= 0, rewarm >= 0, latency rounds >= 0")
     if s.int8 and s.backend != 'onnxruntime':
         raise UserError("--int8 needs --backend onnxruntime")
     if s.backend == 'onnxruntime' and s.device != 'cpu':
@@ -282,13 +283,13 @@ def _run(s: BenchSettings, progress: Callable[[str, int, int], None]) -> dict:
             fns[p.name] = p.call
         total = s.rounds + s.latency_rounds
 
-        times = interleaved_timing(fns, s.rounds, s.warmup, device=s.device,
+        times = interleaved_timing(fns, s.rounds, s.warmup, device=s.device, rewarm=s.rewarm,
                                    on_round=lambda r: progress('timing', r + 1, total))
         lat: dict[str, list[float]] = {}
         if s.latency_rounds:
             lat = interleaved_timing({p.name: p.call_b1 for p in prepared}, s.latency_rounds, s.warmup,
-                                     device=s.device, on_round=lambda r: progress('batch-1 latency', s.rounds + r + 1,
-                                                                                  total))
+                                     device=s.device, rewarm=s.rewarm,
+                                     on_round=lambda r: progress('batch-1 latency', s.rounds + r + 1, total))
     peak_by_model = {p.name: times.pop(PEAK_NAME + ' ' + p.name) for p in prepared}
     peak_times = [min(ts) for ts in zip(*peak_by_model.values())]  # per round: the probe at its least disturbed
     rows = [_row(p, times[p.name], peak_by_model[p.name], peak_flops, lat.get(p.name), s) for p in prepared]
@@ -343,7 +344,8 @@ def banner(result: dict) -> str:
             f"  set '{s['model_set']}' ({len(s['models'])} models), "
             f"backend {s['backend']}{'-int8' if s['int8'] else ''}"
             f", {'fused deploy form' if s['fused'] else 'UNFUSED'}, {prec}, batch {s['batch_size']}"
-            f"{', channels-last' if s['channels_last'] else ''}, {s['rounds']} interleaved rounds, "
+            f"{', channels-last' if s['channels_last'] else ''}, {s['rounds']} interleaved rounds"
+            f"{', each timed warm (' + str(s['rewarm']) + ' untimed call first)' if s.get('rewarm') else ''}, "
             f"matmul peak {pk['gflops']} GFLOP/s ({pk['op']} {'x'.join(map(str, pk['shape']))} {pk['dtype']})")
 
 

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--no-amp', action='store_true', help='CUDA: fp32 instead of AMP fp16')
     p.add_argument('--rounds', type=positive_int, default=None, help='interleaved timing rounds (default 10; quick 4)')
     p.add_argument('--warmup', type=int, default=None, help='warm-up rounds (default 2; quick 1)')
+    p.add_argument('--rewarm', type=int, default=1,
+                   help='untimed calls of each model right before its timed one in every round (default 1: each '
+                        'model is timed warm, as if it ran alone; 0: straight after the previous model)')
     p.add_argument('--no-latency', action='store_true', help='skip the batch-1 latency rounds')
     p.add_argument('--json', metavar='PATH', help="write the result as JSON ('-' for stdout, no table)")
     p.add_argument('--csv', metavar='PATH', help='write the rows as CSV')
@@ -58,10 +61,12 @@ def settings_from_args(args: argparse.Namespace):
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if warmup < 0:
         raise UserError(f"--warmup must be at least 0, got {warmup}")
+    if args.rewarm < 0:
+        raise UserError(f"--rewarm must be at least 0, got {args.rewarm}")
     return BenchSettings(
         models=models, device=args.device, backend=args.backend, threads=args.threads, batch_size=args.batch_size,
         img_size=args.img_size, channels_last=args.channels_last, fused=not args.no_fuse, int8=args.int8,
-        amp=False if args.no_amp else None, rounds=rounds, warmup=warmup,
+        amp=False if args.no_amp else None, rounds=rounds, warmup=warmup, rewarm=args.rewarm,
         latency_rounds=0 if args.no_latency else rounds, model_set=model_set)
 
 
