@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -417,6 +418,12 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     ddp = model
     if info.enabled:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    # only the training step is compiled: evaluation, EMA and checkpoints keep using the plain modules (same keys)
+    if cfg.compile and device.type == 'cpu' and not any(shutil.which(c) for c in (os.environ.get('CXX'), 'g++',
+                                                                                   'clang++', 'c++') if c):
+        raise UserError("--compile on a CPU needs a C++ compiler (g++ or clang++) for torch.compile's generated "
+                        "kernels; install one or drop --compile")
+    fwd = torch.compile(ddp) if cfg.compile else ddp
 
     meta = dict(model=cfg.model, num_classes=num_classes, in_chans=in_chans,
                 attn_type=getattr(model, 'attn_type', None), labels=classes, img_size=cfg.img_size,
@@ -444,7 +451,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
             sync = nullcontext() if last_micro or not info.enabled else ddp.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                    loss = criterion(ddp(x), y)
+                    loss = criterion(fwd(x), y)
                 bad = (~torch.isfinite(loss.detach())).float().cpu()
                 if info.enabled:
                     all_reduce_sum(bad, info)
@@ -566,7 +573,8 @@ def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: 
             in_chans: int, dtype: torch.dtype | None, workers: int) -> None:
     dev = torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else f'CPU x{torch.get_num_threads()}'
     print(f"uniform-vit train | torch {torch.__version__} | {dev} | processes {info.world_size} | "
-          f"amp {str(dtype).replace('torch.', '') if dtype else 'off'} | loader workers {workers}", flush=True)
+          f"amp {str(dtype).replace('torch.', '') if dtype else 'off'} | loader workers {workers}"
+          f"{' | torch.compile' if cfg.compile else ''}", flush=True)
     kind = f"{cfg.attn_type}, " if cfg.model.startswith('uniform_') else ''  # attn_type only applies to UniForm
     print(f"{cfg.model} ({kind}{params / 1e6:.2f} M params, in_chans {in_chans}) | "
           f"{cfg.dataset or cfg.data_dir}: {n_train} train / {n_val} val at {cfg.img_size} px | recipe {cfg.recipe} | "
