@@ -5,7 +5,8 @@
 
 The choice behind `uniform-vit train`'s channels-last default on CPUs. Both layouts of a model start from the same
 weights and run in one process, interleaved round by round (uniform_vit.bench.harness): one AdamW step on a fixed
-batch per call. The ratio column is the median of the per-round ratios.
+batch per call. The ratio columns are medians of per-round ratios. ``--compile`` adds a third candidate:
+channels-last under ``torch.compile`` (what ``uniform-vit train --compile`` runs; compiled before timing).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument('--num-classes', type=int, default=10)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--rounds', type=int, default=7)
+    p.add_argument('--compile', action='store_true', help='also time channels-last + torch.compile')
     args = p.parse_args()
     warnings.filterwarnings('ignore')
     torch.set_num_threads(args.threads)
@@ -38,29 +40,39 @@ def main() -> None:
     y = torch.randint(0, args.num_classes, (args.batch_size,))
     print(f'{args.img_size} px, batch {args.batch_size}, in_chans {args.in_chans}, {args.threads} threads, '
           f'torch {torch.__version__}, {args.rounds} interleaved rounds, one AdamW step per call')
-    print('| model | NCHW img/s | channels-last img/s | channels-last / NCHW (spread) |')
-    print('|---|---|---|---|')
+    extra = ' compiled img/s | compiled / NCHW |' if args.compile else ''
+    print('| model | NCHW img/s | channels-last img/s | channels-last / NCHW (spread) |' + extra)
+    print('|---|---|---|---|' + ('---|---|' if args.compile else ''))
     for name in args.models.split(','):
         base = timm.create_model(name, num_classes=args.num_classes, in_chans=args.in_chans)
         fns = {}
-        for layout in ('nchw', 'channels_last'):
+        for layout in ('nchw', 'channels_last') + (('compiled',) if args.compile else ()):
             model = copy.deepcopy(base).train()
             xb = x
-            if layout == 'channels_last':
+            if layout != 'nchw':
                 model = model.to(memory_format=torch.channels_last)
                 xb = x.contiguous(memory_format=torch.channels_last)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-            def step(model=model, opt=opt, xb=xb):
+            fwd = torch.compile(model) if layout == 'compiled' else model
+
+            def step(fwd=fwd, opt=opt, xb=xb):
                 opt.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(model(xb), y).backward()
+                torch.nn.functional.cross_entropy(fwd(xb), y).backward()
                 opt.step()
+
+            if layout == 'compiled':
+                step()  # compile outside the timed rounds
 
             fns[layout] = step
         t = interleaved_timing(fns, rounds=args.rounds, warmup=1)
         ratios = [a / b for a, b in zip(t['nchw'], t['channels_last'])]
         nchw, cl = (args.batch_size / median(t[k]) for k in ('nchw', 'channels_last'))
-        print(f'| {name} | {nchw:.0f} | {cl:.0f} | {median(ratios):.2f}x ({spread(ratios) * 100:.0f}%) |')
+        line = f'| {name} | {nchw:.0f} | {cl:.0f} | {median(ratios):.2f}x ({spread(ratios) * 100:.0f}%) |'
+        if args.compile:
+            rc = [a / b for a, b in zip(t['nchw'], t['compiled'])]
+            line += f" {args.batch_size / median(t['compiled']):.0f} | {median(rc):.2f}x |"
+        print(line)
 
 
 if __name__ == '__main__':
