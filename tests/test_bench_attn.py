@@ -77,6 +77,7 @@ def test_sweep_schema_and_pairs():
     names = ['core_reuse_tiled', 'core_mha_sdpa', 'shsa', 'reuse']
     result = run_attn_bench(names, tokens=[16, 49], channels=[32], heads=[4], batch=1, rounds=2, warmup=0)
     assert set(result) == {'environment', 'settings', 'peak', 'rows', 'skipped'}
+    assert result['settings']['rewarm'] == 1  # each timed call after an untimed one of the same mechanism
     assert result['skipped'] == []
     rows = result['rows']
     assert sorted((r['mechanism'], r['N']) for r in rows) == sorted((n, t) for n in names for t in (16, 49))
@@ -94,6 +95,7 @@ def test_sweep_schema_and_pairs():
     (dict(channels=[30]), 'not divisible by heads'),
     (dict(heads=[8], channels=[64]), 'at most 4 heads'),
     (dict(batch=0), 'at least 1'),
+    (dict(rewarm=-1), 'rewarm >= 0'),
 ])
 def test_bad_configurations(kwargs, needle):
     args = dict(names=['reuse'], tokens=[49], channels=[32], heads=[4], batch=1)

@@ -333,16 +333,17 @@ def check_config(names: list[str], tokens: list[int], channels: list[int], heads
 
 def run_attn_bench(names: list[str], tokens: list[int], channels: list[int], heads: list[int], batch: int = 1,
                    rounds: int = 5, warmup: int = 1, threads: int = 1, device: str = 'cpu',
-                   progress: Callable[[str, int, int], None] | None = None) -> dict:
+                   progress: Callable[[str, int, int], None] | None = None, rewarm: int = 1) -> dict:
     """Time every mechanism at every (C, h, N); mechanisms of one configuration are interleaved round by round,
-    with the matmul-peak probe as one more candidate. Returns {'environment', 'settings', 'peak', 'rows'}."""
+    with the matmul-peak probe as one more candidate; each timed call follows ``rewarm`` untimed calls of the same
+    mechanism (harness.interleaved_timing). Returns {'environment', 'settings', 'peak', 'rows'}."""
     from .harness import interleaved_timing, median, paired_ratio, spread
     from .machine import calibrate_matmul_peak, environment, matmul_peak_fn, peak_memory_bytes
     from .models import quiet
 
     check_config(names, tokens, channels, heads, batch)
-    if rounds < 1 or warmup < 0:
-        raise UserError("need rounds >= 1 and warmup >= 0")
+    if rounds < 1 or warmup < 0 or rewarm < 0:
+        raise UserError("need rounds >= 1, warmup >= 0 and rewarm >= 0")
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError("--device cuda requested but torch sees no CUDA device")
     progress = progress or (lambda *_: None)
@@ -377,7 +378,7 @@ def run_attn_bench(names: list[str], tokens: list[int], channels: list[int], hea
                     continue
                 fns[name] = call
             fns['__peak__'] = peak_fn
-            times = interleaved_timing(fns, rounds, warmup, device=device)
+            times = interleaved_timing(fns, rounds, warmup, device=device, rewarm=rewarm)
             peak_t = times.pop('__peak__')
             for name, t in times.items():
                 mech = MECHANISMS[name]
@@ -396,7 +397,7 @@ def run_attn_bench(names: list[str], tokens: list[int], channels: list[int], hea
                 rows.append(row)
         peak = dict(op=peak_op, shape=list(peak_shape), gflops=round(peak_flops / median(peak_t) / 1e9, 2))
         settings = dict(mechanisms=names, tokens=tokens, channels=channels, heads=heads, batch=batch, rounds=rounds,
-                        warmup=warmup, threads=threads, device=device)
+                        warmup=warmup, rewarm=rewarm, threads=threads, device=device)
         return dict(environment=env, settings=settings, peak=peak, rows=rows, skipped=skipped)
     finally:
         torch.set_num_threads(prev)

@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda'")
     p.add_argument('--rounds', type=positive_int, default=5, help='interleaved rounds per configuration (default 5)')
     p.add_argument('--warmup', type=int, default=1, help='warm-up rounds (default 1)')
+    p.add_argument('--rewarm', type=int, default=1,
+                   help='untimed calls of each mechanism right before its timed one in every round (default 1)')
     p.add_argument('--list', action='store_true', help='list the mechanisms and exit')
     p.add_argument('--json', metavar='PATH', help="write the result as JSON ('-' for stdout)")
     p.add_argument('--csv', metavar='PATH', help='write the rows as CSV')
@@ -74,13 +76,14 @@ def run(args: argparse.Namespace) -> int:
         result = run_attn_bench(names, tokens, args.channels, args.heads, args.batch_size, args.rounds, args.warmup,
                                 args.threads, args.device,
                                 lambda phase, done, total: bar.update(task, description=phase, completed=done,
-                                                                      total=total))
+                                                                      total=total), args.rewarm)
     if to_stdout:
         print(json.dumps(result, indent=2))
     else:
         e, pk = result['environment'], result['peak']
         console.print(f"uniform-vit bench-attn: {e['gpu'] or e['cpu']} ({e['cpu_capability']}), {args.threads} "
-                      f"thread(s), torch {e['torch']}, batch {args.batch_size}, {args.rounds} interleaved rounds, "
+                      f"thread(s), torch {e['torch']}, batch {args.batch_size}, {args.rounds} interleaved rounds"
+                      f"{f' (each call after {args.rewarm} untimed)' if args.rewarm else ''}, "
                       f"matmul peak {pk['gflops']} GFLOP/s ({pk['op']} {'x'.join(map(str, pk['shape']))})")
         shown = []
         for r in result['rows']:
