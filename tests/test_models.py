@@ -169,3 +169,22 @@ def test_deploy_stem_channels_last_copy(shape):
     assert torch.equal(y, ref) and y.stride() == ref.stride()
     nc = torch.randn(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)  # already channels-last
     assert _to_channels_last(nc).data_ptr() == nc.data_ptr()
+
+
+def test_deploy_stem_chunks_are_exact_and_trace_safe():
+    model = reparameterize(randomize_bn(timm.create_model('uniform_t', num_classes=10)).eval())
+    stem = model.patch_embed
+    assert stem.chunks == 2
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        stem.chunks = 1
+        whole = model(x)
+        stem.chunks = 2
+        assert torch.allclose(model(x), whole, atol=1e-5)
+        traced = torch.jit.trace(model, x[:4], check_trace=False)
+        assert 'tensor_split' in str(traced.patch_embed.graph)  # the split is in the trace, not unrolled by size
+        for b in (1, 3, 5):  # other batch sizes, including odd ones and a single image
+            assert torch.allclose(traced(x[:b]), whole[:b], atol=1e-5)
+        single = torch.jit.trace(model, x[:1], check_trace=False)
+        assert 'tensor_split' not in str(single.patch_embed.graph)  # a batch-1 trace does not split
+        assert torch.allclose(single(x), whole, atol=1e-5)
