@@ -36,7 +36,7 @@ _HELP = {
     'strict': 'stop at the first unreadable image instead of skipping it with a warning',
     'model_ema': 'keep an EMA of the weights and validate it too',
     'amp': 'mixed precision: auto (GPU: bf16, else fp16; CPU: off), bf16, fp16, none',
-    'compile': 'torch.compile the training step (about a minute to compile; then 1.1x faster on a 2-core CPU)',
+    'compile': 'torch.compile the training step (about a minute to compile; then ~1.15x faster on a 2-core CPU)',
     'channels_last': 'model and batches in channels-last memory format (default on: faster on GPUs and CPUs)',
     'aa': "timm RandAugment string, e.g. rand-m9-mstd0.5; 'none' to disable",
 }

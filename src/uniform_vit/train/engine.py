@@ -362,8 +362,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     if cfg.checkpoint and not resumed:
         load_checkpoint(model, cfg.checkpoint, reset_head=True)  # another class count: fresh head (fine-tuning)
     model.to(device)
-    # channels-last on CPU too: a uniform_t training step at 96 px runs 1.43x faster (uniform_s 1.60x,
-    # efficientvit_m0 1.29x; benchmarks/RESULTS.md, section 3)
+    # channels-last on CPU too: a uniform_t training step at 96 px runs 1.4-1.7x faster (uniform_s 1.5-1.6x,
+    # efficientvit_m0 1.3x; benchmarks/RESULTS.md, section 3)
     cl = cfg.channels_last
     if cl:
         model.to(memory_format=torch.channels_last)
