@@ -215,6 +215,14 @@ def test_compiled_training_step_matches_eager_and_saves_plain_keys(tmp_path):
     assert any(not torch.equal(we[k], Tiny().state_dict()[k]) for k in we if k.endswith('weight'))  # it trained
 
 
+def test_compile_without_a_cpu_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, 'which', lambda name: None)
+    with pytest.raises(UserError, match='needs a C\\+\\+ compiler'):
+        train(make_config(**TINY, recipe='small', epochs=1, compile=True, output=str(tmp_path / 'run')))
+
+
 def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
     # No augmentation (each rank draws its own random numbers); SGD, whose update is linear in the gradient. Rank r
     # gets the r-th slice of every global batch, so 2 processes x batch 8 must equal 1 process x batch 8 x 2

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         e, pk = result['environment'], result['peak']
         console.print(f"uniform-vit bench-attn: {e['gpu'] or e['cpu']} ({e['cpu_capability']}), {args.threads} "
                       f"thread(s), torch {e['torch']}, batch {args.batch_size}, {args.rounds} interleaved rounds"
-                      f"{f' (each call after {args.rewarm} untimed)' if args.rewarm else ''}, "
+                      f"{f', each timed warm ({args.rewarm} untimed call first)' if args.rewarm else ''}, "
                       f"matmul peak {pk['gflops']} GFLOP/s ({pk['op']} {'x'.join(map(str, pk['shape']))})")
         shown = []
         for r in result['rows']:

@@ -79,9 +79,10 @@ class DeployStem(nn.Sequential):
 
     On CPU a batch of two or more images goes through in ``chunks`` parts (``Tensor.tensor_split``: a jit trace
     stays valid at every batch size; one traced at batch 1 just never splits): each part's input copy and large early
-    feature maps stay in cache for the next conv. Two parts made the fused, traced network 1.05x (uniform_t), 1.08x
-    (uniform_s), 1.06x (uniform_m) and 1.04x (uniform_l) faster at batch 16 on one thread, 1.07-1.14x at batch 64
-    (interleaved A/B, benchmarks/RESULTS.md); four or eight parts gained less. Outputs are identical."""
+    feature maps stay in cache for the next conv. Two parts made the fused, traced uniform_t about 3 % and uniform_s
+    about 5 % faster at batch 16 on one thread (interleaved A/B against A/A controls), 7-14 % at batch 64; four or
+    eight parts gained less (benchmarks/RESULTS.md). Same outputs up to float rounding (oneDNN may pick other kernels
+    for the smaller batches)."""
 
     chunks = 2
 

@@ -418,11 +418,11 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     ddp = model
     if info.enabled:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    # only the training step is compiled: evaluation, EMA and checkpoints keep using the plain modules (same keys)
     if cfg.compile and device.type == 'cpu' and not any(shutil.which(c) for c in (os.environ.get('CXX'), 'g++',
                                                                                    'clang++', 'c++') if c):
         raise UserError("--compile on a CPU needs a C++ compiler (g++ or clang++) for torch.compile's generated "
                         "kernels; install one or drop --compile")
+    # only the training step is compiled: evaluation, EMA and checkpoints keep using the plain modules (same keys)
     fwd = torch.compile(ddp) if cfg.compile else ddp
 
     meta = dict(model=cfg.model, num_classes=num_classes, in_chans=in_chans,
