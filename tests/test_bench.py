@@ -9,7 +9,14 @@ import torch
 
 from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio, spread
 from uniform_vit.bench.machine import calibrate_matmul_peak, matmul_peak_fn, peak_memory_bytes
-from uniform_vit.bench.models import BenchSettings, nominal_flops, resolve_settings, run_bench
+from uniform_vit.bench.models import (
+    BenchSettings,
+    combine_runs,
+    nominal_flops,
+    resolve_settings,
+    run_bench,
+    run_bench_repeated,
+)
 from uniform_vit.errors import UserError
 
 
@@ -141,11 +148,47 @@ def test_bench_json_schema_on_tiny_inputs(tmp_path):
     json.dumps(result)  # plain JSON types only
 
 
+def _fake_run(t_a: float, t_b: float, ratio: float, peak: float) -> dict:
+    def row(name, sec):
+        return dict(model=name, img_per_s=16 / sec, ms_per_batch=sec * 1e3, gflops=1.0 / sec, frac_of_peak=0.1 / sec,
+                    spread=0.02, latency_b1_ms=sec * 100, times_s=[sec, sec], rounds=2, peer=None,
+                    speedup_vs_peer=None)
+    return dict(environment={'cpu': 'x'}, settings={'repeat': 1, 'batch_size': 16}, peak={'gflops': peak, 'op': 'mm'},
+                rows=[row('uniform_t', t_a), row('efficientvit_m0', t_b)],
+                pairs=[dict(model='uniform_t', peer='efficientvit_m0', speedup=ratio, speedup_spread=0.01)])
+
+
+def test_combine_runs_takes_medians_across_processes():
+    runs = [_fake_run(0.02, 0.03, 1.5, 200.0), _fake_run(0.04, 0.05, 1.25, 240.0), _fake_run(0.025, 0.04, 1.6, 230.0)]
+    out = combine_runs(runs)
+    t, m0 = out['rows']
+    assert t['img_per_s'] == pytest.approx(16 / 0.025, abs=0.1) and t['runs_img_per_s'] == [800.0, 400.0, 640.0]
+    assert t['latency_b1_ms'] == pytest.approx(2.5) and t['rounds'] == 6 and len(t['times_s']) == 6
+    (pair,) = out['pairs']
+    assert pair['speedup'] == 1.5 and pair['speedup_runs'] == [1.5, 1.25, 1.6]  # median of the runs' own ratios
+    assert t['speedup_vs_peer'] == 1.5 and m0['speedup_vs_peer'] is None
+    assert out['peak']['gflops'] == 230.0 and out['settings']['repeat'] == 3
+    with pytest.raises(ValueError):
+        combine_runs([])
+
+
+def test_repeat_runs_in_fresh_processes_and_combines(tmp_path):
+    s = BenchSettings(models=['uniform_t', 'efficientvit_m0'], img_size=32, batch_size=2, rounds=2, warmup=0,
+                      latency_rounds=0, repeat=2)
+    phases = []
+    out = run_bench_repeated(s, lambda phase, done, total: phases.append(phase))
+    assert out['settings']['repeat'] == 2 and phases[:2] == ['run 1 of 2 (own process)', 'run 2 of 2 (own process)']
+    (pair,) = out['pairs']
+    assert len(pair['speedup_runs']) == 2 and pair['speedup'] == pytest.approx(median(pair['speedup_runs']), abs=1e-3)
+    assert all(len(r['runs_img_per_s']) == 2 and r['rounds'] == 4 for r in out['rows'])
+    json.dumps(out)
+
+
 def test_settings_defaults_and_errors():
     s = resolve_settings(BenchSettings(models=['uniform_t']))
     assert s.batch_size == 16 and s.threads == 1 and not s.amp and s.rewarm == 1
     for bad in (dict(batch_size=0), dict(threads=0), dict(backend='tensorrt'), dict(int8=True),
-                dict(device='tpu'), dict(img_size=8), dict(rewarm=-1)):
+                dict(device='tpu'), dict(img_size=8), dict(rewarm=-1), dict(repeat=0)):
         with pytest.raises(UserError):
             resolve_settings(BenchSettings(models=['uniform_t'], **bad))
 
@@ -171,6 +214,7 @@ def _main(capsys, *args: str) -> tuple[int, str]:
     (['--batch-size', '0'], 'must be at least 1'),
     (['--threads', '0'], 'must be at least 1'),
     (['--rewarm', '-1'], '--rewarm must be at least 0'),
+    (['--repeat', '0'], 'must be at least 1'),
     (['--int8'], '--int8 needs --backend onnxruntime'),
     (['--models', 'nonexistent_*'], 'matches no model'),
     (['--full', '--models', 'uniform_t'], 'name different model sets'),

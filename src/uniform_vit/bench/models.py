@@ -58,6 +58,7 @@ class BenchSettings:
     warmup: int = 2
     rewarm: int = 1  # untimed calls of a model right before its timed one in each round (steady state; harness doc)
     latency_rounds: int = 10  # batch-1 latency rounds; 0 skips them
+    repeat: int = 1  # >1: the whole measurement again in that many fresh processes, medians across them
     model_set: str = 'custom'
     notes: list[str] = field(default_factory=list)
 
@@ -76,8 +77,8 @@ def resolve_settings(s: BenchSettings) -> BenchSettings:
         raise UserError(f"batch size must be at least 1, got {s.batch_size}")
     if s.img_size is not None and s.img_size < 32:
         raise UserError(f"image size must be at least 32, got {s.img_size}")
-    if s.rounds < 1 or s.warmup < 0 or s.latency_rounds < 0 or s.rewarm < 0:
-        raise UserError("need rounds >= 1, warmup >= 0, rewarm >= 0, latency rounds >= 0")
+    if s.rounds < 1 or s.warmup < 0 or s.latency_rounds < 0 or s.rewarm < 0 or s.repeat < 1:
+        raise UserError("need rounds >= 1, warmup >= 0, rewarm >= 0, latency rounds >= 0, repeat >= 1")
     if s.int8 and s.backend != 'onnxruntime':
         raise UserError("--int8 needs --backend onnxruntime")
     if s.backend == 'onnxruntime' and s.device != 'cpu':
@@ -263,6 +264,69 @@ def run_bench(s: BenchSettings, progress: Callable[[str, int, int], None] | None
         torch.set_num_threads(prev_threads)
 
 
+def run_bench_repeated(s: BenchSettings, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """:func:`run_bench`, ``s.repeat`` times, each in a fresh process (one after the other), combined by
+    :func:`combine_runs`. A paired ratio moves by a few percent from one process to the next even on a quiet machine
+    (memory placement, which of a kernel's code paths a process settles on), more than it moves between the rounds
+    of one run; the median over processes is the figure to quote."""
+    import concurrent.futures
+    import multiprocessing
+
+    s = resolve_settings(s)
+    if s.repeat == 1:
+        return run_bench(s, progress)
+    progress = progress or (lambda *_: None)
+    results = []
+    ctx = multiprocessing.get_context('spawn')
+    for i in range(s.repeat):
+        progress(f'run {i + 1} of {s.repeat} (own process)', i, s.repeat)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            results.append(pool.submit(_run_in_child, asdict(s)).result())
+    progress('combining runs', s.repeat, s.repeat)
+    return combine_runs(results)
+
+
+def _run_in_child(settings: dict) -> dict:
+    import warnings
+
+    warnings.filterwarnings('ignore')
+    return run_bench(BenchSettings(**{**settings, 'repeat': 1}))
+
+
+def combine_runs(results: list[dict]) -> dict:
+    """One result from several runs of the same settings: per model the median over runs of img/s, ms/batch,
+    batch-1 latency, GFLOP/s and % of peak (the per-run values kept as ``runs_img_per_s``), per pair the median of
+    the runs' paired ratios (kept as ``speedup_runs``; ``speedup_spread`` is then their spread across runs)."""
+    if not results:
+        raise ValueError("no runs to combine")
+    first = results[0]
+    models = [r['model'] for r in first['rows']]
+    by_run = [{r['model']: r for r in res['rows']} for res in results]
+    rows = []
+    for m in models:
+        per = [b[m] for b in by_run]
+        row = dict(per[0])
+        for key, nd in (('img_per_s', 1), ('ms_per_batch', 2), ('gflops', 2), ('frac_of_peak', 4), ('spread', 3)):
+            row[key] = round(median([r[key] for r in per]), nd)
+        lats = [r['latency_b1_ms'] for r in per if r.get('latency_b1_ms') is not None]
+        row['latency_b1_ms'] = round(median(lats), 3) if lats else None
+        row['runs_img_per_s'] = [r['img_per_s'] for r in per]
+        row['times_s'] = [t for r in per for t in r['times_s']]
+        row['rounds'] = sum(r['rounds'] for r in per)
+        rows.append(row)
+    pairs = []
+    for p in first['pairs']:
+        runs = [next(q['speedup'] for q in res['pairs'] if q['model'] == p['model']) for res in results]
+        pairs.append(dict(model=p['model'], peer=p['peer'], speedup=round(median(runs), 3),
+                          speedup_spread=round(spread(runs), 3), speedup_runs=runs))
+    for r in rows:
+        pr = next((p for p in pairs if p['model'] == r['model']), None)
+        r['speedup_vs_peer'] = pr['speedup'] if pr else None
+    peak = dict(first['peak'], gflops=round(median([res['peak']['gflops'] for res in results]), 2))
+    settings = dict(first['settings'], repeat=len(results))
+    return dict(environment=first['environment'], settings=settings, peak=peak, rows=rows, pairs=pairs)
+
+
 def _run(s: BenchSettings, progress: Callable[[str, int, int], None]) -> dict:
     env = environment(s.device, s.threads)
     prepared: list[Prepared] = []
@@ -345,7 +409,8 @@ def banner(result: dict) -> str:
             f"backend {s['backend']}{'-int8' if s['int8'] else ''}"
             f", {'fused deploy form' if s['fused'] else 'UNFUSED'}, {prec}, batch {s['batch_size']}"
             f"{', channels-last' if s['channels_last'] else ''}, {s['rounds']} interleaved rounds"
-            f"{', each timed warm (' + str(s['rewarm']) + ' untimed call first)' if s.get('rewarm') else ''}, "
+            f"{', each timed warm (' + str(s['rewarm']) + ' untimed call first)' if s.get('rewarm') else ''}"
+            f"{', medians of ' + str(s['repeat']) + ' processes' if s.get('repeat', 1) > 1 else ''}, "
             f"matmul peak {pk['gflops']} GFLOP/s ({pk['op']} {'x'.join(map(str, pk['shape']))} {pk['dtype']})")
 
 

@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--rewarm', type=int, default=1,
                    help='untimed calls of each model right before its timed one in every round (default 1: each '
                         'model is timed warm, as if it ran alone; 0: straight after the previous model)')
+    p.add_argument('--repeat', type=positive_int, default=1,
+                   help='run the whole measurement N times, each in a fresh process, and report medians across them '
+                        '(a paired ratio moves a few %% between processes; default 1)')
     p.add_argument('--no-latency', action='store_true', help='skip the batch-1 latency rounds')
     p.add_argument('--json', metavar='PATH', help="write the result as JSON ('-' for stdout, no table)")
     p.add_argument('--csv', metavar='PATH', help='write the rows as CSV')
@@ -67,7 +70,7 @@ def settings_from_args(args: argparse.Namespace):
         models=models, device=args.device, backend=args.backend, threads=args.threads, batch_size=args.batch_size,
         img_size=args.img_size, channels_last=args.channels_last, fused=not args.no_fuse, int8=args.int8,
         amp=False if args.no_amp else None, rounds=rounds, warmup=warmup, rewarm=args.rewarm,
-        latency_rounds=0 if args.no_latency else rounds, model_set=model_set)
+        repeat=args.repeat, latency_rounds=0 if args.no_latency else rounds, model_set=model_set)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         check_outputs,
         plot_top1_vs_throughput,
         resolve_settings,
-        run_bench,
+        run_bench_repeated,
         table_rows,
         write_outputs,
     )
@@ -102,15 +105,20 @@ def run(args: argparse.Namespace) -> int:
         def progress(phase: str, done: int, total: int) -> None:
             bar.update(task, description=phase, completed=done, total=total)
 
-        result = run_bench(s, progress)
+        result = run_bench_repeated(s, progress)
     if to_stdout:
         print(json.dumps(result, indent=2))
     else:
         console.print(banner(result))
         print_table(table_rows(result), TABLE_COLUMNS, 'UniForm vs peers (median of interleaved rounds)')
         for p in result['pairs']:
-            console.print(f"  {p['model']} is {p['speedup']:.2f}x {p['peer']} "
-                          f"(median of per-round ratios, spread {100 * p['speedup_spread']:.0f}%)")
+            if 'speedup_runs' in p:
+                runs = ', '.join(f'{x:.2f}' for x in sorted(p['speedup_runs']))
+                console.print(f"  {p['model']} is {p['speedup']:.2f}x {p['peer']} (median over "
+                              f"{len(p['speedup_runs'])} processes of their per-round medians: {runs})")
+            else:
+                console.print(f"  {p['model']} is {p['speedup']:.2f}x {p['peer']} "
+                              f"(median of per-round ratios, spread {100 * p['speedup_spread']:.0f}%)")
     write_outputs(result, args.json, args.csv, args.plot, ROW_FIELDS, plot_top1_vs_throughput)
     return 0
 
