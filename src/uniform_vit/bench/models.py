@@ -287,8 +287,6 @@ def run_bench_repeated(s: BenchSettings, progress: Callable[[str, int, int], Non
 
 
 def _run_in_child(settings: dict) -> dict:
-    import warnings
-
     warnings.filterwarnings('ignore')
     return run_bench(BenchSettings(**{**settings, 'repeat': 1}))
 

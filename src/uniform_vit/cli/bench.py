@@ -9,7 +9,7 @@ from ._common import positive_int, print_table
 
 HELP = 'Benchmark UniForm against its peers on this machine: img/s, latency, memory, share of matmul peak.'
 EXAMPLES = """examples:
-  uniform-vit bench                                  6 models, under a minute on a quiet 2-core CPU (18 s here)
+  uniform-vit bench                                  6 models, under a minute on a quiet 2-core CPU (22 s here)
   uniform-vit bench --quick                          uniform_t/s vs efficientvit_m0/m1, fewer rounds
   uniform-vit bench --models full --json bench.json  the issue's full set (19 models)
   uniform-vit bench --models 'uniform_*,efficientvit_m*' --backend onnxruntime
