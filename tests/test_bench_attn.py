@@ -111,6 +111,11 @@ def test_cli_list_and_bad_mechanism(capsys):
     assert 'core_reuse_tiled' in capsys.readouterr().out
     assert main(['bench-attn', '--mechanisms', 'flash']) == 2
     assert 'unknown mechanism' in capsys.readouterr().err
+    for flag in ('--warmup', '--rewarm'):  # argparse rejects a negative count before anything runs
+        with pytest.raises(SystemExit) as e:
+            main(['bench-attn', flag, '-1'])
+        assert e.value.code == 2
+        assert f'argument {flag}: must be at least 0, got -1' in capsys.readouterr().err
 
 
 def test_cli_writes_json_csv_plot(tmp_path, capsys, monkeypatch):

@@ -46,16 +46,26 @@ def expand_models(spec: str) -> list[str]:
     return out
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int) -> int:
     import argparse
 
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (counts of things that must happen)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (warm-up and re-warm calls, which may be skipped)."""
+    return _int_at_least(text, 0)
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]], title: str | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import positive_int, print_table
+from ._common import non_negative_int, positive_int, print_table
 
 HELP = 'Benchmark UniForm against its peers on this machine: img/s, latency, memory, share of matmul peak.'
 EXAMPLES = """examples:
@@ -34,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--no-fuse', action='store_true', help='time the unfused train-form networks (not the paper)')
     p.add_argument('--no-amp', action='store_true', help='CUDA: fp32 instead of AMP fp16')
     p.add_argument('--rounds', type=positive_int, default=None, help='interleaved timing rounds (default 10; quick 4)')
-    p.add_argument('--warmup', type=int, default=None, help='warm-up rounds (default 2; quick 1)')
-    p.add_argument('--rewarm', type=int, default=1,
+    p.add_argument('--warmup', type=non_negative_int, default=None, help='warm-up rounds (default 2; quick 1)')
+    p.add_argument('--rewarm', type=non_negative_int, default=1,
                    help='untimed calls of each model right before its timed one in every round (default 1: each '
                         'model is timed warm, as if it ran alone; 0: straight after the previous model)')
     p.add_argument('--repeat', type=positive_int, default=1,
@@ -62,10 +62,6 @@ def settings_from_args(args: argparse.Namespace):
         models, model_set = expand_models(spec), 'custom'
     rounds = args.rounds or (4 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    if warmup < 0:
-        raise UserError(f"--warmup must be at least 0, got {warmup}")
-    if args.rewarm < 0:
-        raise UserError(f"--rewarm must be at least 0, got {args.rewarm}")
     return BenchSettings(
         models=models, device=args.device, backend=args.backend, threads=args.threads, batch_size=args.batch_size,
         img_size=args.img_size, channels_last=args.channels_last, fused=not args.no_fuse, int8=args.int8,

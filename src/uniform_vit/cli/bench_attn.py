@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import positive_int
+from ._common import non_negative_int, positive_int
 
 HELP = 'Compare attention mechanisms (Reuse, MHA/SDPA, linear, CGA, GQA/MQA, SHSA, additive) across token counts.'
 EXAMPLES = """examples:
@@ -34,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--threads', type=positive_int, default=1, help='CPU threads (default 1)')
     p.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda'")
     p.add_argument('--rounds', type=positive_int, default=5, help='interleaved rounds per configuration (default 5)')
-    p.add_argument('--warmup', type=int, default=1, help='warm-up rounds (default 1)')
-    p.add_argument('--rewarm', type=int, default=1,
+    p.add_argument('--warmup', type=non_negative_int, default=1, help='warm-up rounds (default 1)')
+    p.add_argument('--rewarm', type=non_negative_int, default=1,
                    help='untimed calls of each mechanism right before its timed one in every round (default 1)')
     p.add_argument('--list', action='store_true', help='list the mechanisms and exit')
     p.add_argument('--json', metavar='PATH', help="write the result as JSON ('-' for stdout)")
