@@ -5,8 +5,9 @@
 
 The choice behind `uniform-vit train`'s channels-last default on CPUs. Both layouts of a model start from the same
 weights and run in one process, interleaved round by round (uniform_vit.bench.harness): one AdamW step on a fixed
-batch per call. The ratio columns are medians of per-round ratios. ``--compile`` adds a third candidate:
-channels-last under ``torch.compile`` (what ``uniform-vit train --compile`` runs; compiled before timing).
+batch per call. The ratio columns are medians of per-round ratios. ``--compile`` adds a candidate: channels-last
+under ``torch.compile`` (what ``uniform-vit train --compile`` runs; compiled before timing). ``--bf16`` adds
+channels-last under CPU bf16 autocast (why ``uniform-vit train`` uses no AMP on CPUs).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--rounds', type=int, default=7)
     p.add_argument('--compile', action='store_true', help='also time channels-last + torch.compile')
+    p.add_argument('--bf16', action='store_true', help='also time channels-last + bf16 autocast')
     args = p.parse_args()
     warnings.filterwarnings('ignore')
     torch.set_num_threads(args.threads)
@@ -40,13 +42,14 @@ def main() -> None:
     y = torch.randint(0, args.num_classes, (args.batch_size,))
     print(f'{args.img_size} px, batch {args.batch_size}, in_chans {args.in_chans}, {args.threads} threads, '
           f'torch {torch.__version__}, {args.rounds} interleaved rounds, one AdamW step per call')
-    extra = ' compiled img/s | compiled / NCHW |' if args.compile else ''
-    print('| model | NCHW img/s | channels-last img/s | channels-last / NCHW (spread) |' + extra)
-    print('|---|---|---|---|' + ('---|---|' if args.compile else ''))
+    extras = ['compiled'] * args.compile + ['bf16'] * args.bf16
+    print('| model | NCHW img/s | channels-last img/s | channels-last / NCHW (spread) |'
+          + ''.join(f' {k} img/s | {k} / NCHW |' for k in extras))
+    print('|---|---|---|---|' + '---|---|' * len(extras))
     for name in args.models.split(','):
         base = timm.create_model(name, num_classes=args.num_classes, in_chans=args.in_chans)
         fns = {}
-        for layout in ('nchw', 'channels_last') + (('compiled',) if args.compile else ()):
+        for layout in ('nchw', 'channels_last', *extras):
             model = copy.deepcopy(base).train()
             xb = x
             if layout != 'nchw':
@@ -56,9 +59,11 @@ def main() -> None:
 
             fwd = torch.compile(model) if layout == 'compiled' else model
 
-            def step(fwd=fwd, opt=opt, xb=xb):
+            def step(fwd=fwd, opt=opt, xb=xb, bf16=layout == 'bf16'):
                 opt.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(fwd(xb), y).backward()
+                with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+                    loss = torch.nn.functional.cross_entropy(fwd(xb), y)
+                loss.backward()
                 opt.step()
 
             if layout == 'compiled':
@@ -69,9 +74,9 @@ def main() -> None:
         ratios = [a / b for a, b in zip(t['nchw'], t['channels_last'])]
         nchw, cl = (args.batch_size / median(t[k]) for k in ('nchw', 'channels_last'))
         line = f'| {name} | {nchw:.0f} | {cl:.0f} | {median(ratios):.2f}x ({spread(ratios) * 100:.0f}%) |'
-        if args.compile:
-            rc = [a / b for a, b in zip(t['nchw'], t['compiled'])]
-            line += f" {args.batch_size / median(t['compiled']):.0f} | {median(rc):.2f}x |"
+        for k in extras:
+            rk = [a / b for a, b in zip(t['nchw'], t[k])]
+            line += f" {args.batch_size / median(t[k]):.0f} | {median(rk):.2f}x |"
         print(line)
 
 
