@@ -91,16 +91,43 @@ def test_shared_map_is_one_per_window_not_per_head():
 
 @pytest.mark.parametrize('impl', ['sdpa', 'tiled', 'auto'])
 @pytest.mark.parametrize('n', [49, 600])  # 600 >= TILED_MIN_N: 'auto' takes the tiled path, tiles do not divide N
-@pytest.mark.parametrize('token_major', [False, True])  # v as a flattened channels-last map
+@pytest.mark.parametrize('token_major', [False, True])  # q, k, v as flattened channels-last maps (oneDNN logits)
 @pytest.mark.parametrize('with_bias', [True, False])
 def test_core_impls_agree_with_eager(impl, n, token_major, with_bias):
-    q, k = torch.randn(2, 8, n), torch.randn(2, 8, n)
-    v = torch.randn(2, n, 32).transpose(1, 2) if token_major else torch.randn(2, 32, n)
+    if token_major:
+        q, k, v = (torch.randn(2, n, c).transpose(1, 2) for c in (8, 8, 32))
+    else:
+        q, k, v = torch.randn(2, 8, n), torch.randn(2, 8, n), torch.randn(2, 32, n)
     bias = torch.randn(n, n) if with_bias else None
-    ref = reuse_attention(q, k, v, bias, 0.25, 'eager')
-    out = reuse_attention(q, k, v, bias, 0.25, impl)
+    ref = reuse_attention(q, k, v, bias, 0.3, 'eager')  # a scale that is not a power of two: rounding differs
+    out = reuse_attention(q, k, v, bias, 0.3, impl)
     assert out.shape == (2, 32, n)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_tiled_without_onednn_logits_agrees(monkeypatch, with_bias):
+    # the fallback for inputs oneDNN does not take (float64, other devices): MKL addmm into one reused buffer
+    import uniform_vit.layers.attention as attention
+
+    q, k, v = (torch.randn(2, 600, c).transpose(1, 2) for c in (8, 8, 32))  # token-major: oneDNN would take it
+    bias = torch.randn(600, 600) if with_bias else None
+    ref = reuse_attention(q, k, v, bias, 0.3, 'eager')
+    monkeypatch.setattr(attention, 'ONEDNN_LOGITS', False)
+    assert torch.allclose(reuse_attention(q, k, v, bias, 0.3, 'tiled'), ref, atol=1e-5)
+    out64 = reuse_attention(q.double(), k.double(), v.double(), None if bias is None else bias.double(), 0.3, 'tiled')
+    assert out64.dtype == torch.float64 and torch.allclose(out64.float(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize('cq', [8, 32])  # the sliced keys are copied for oneDNN from Cq = 32, else MKL's addmm
+def test_tiled_with_q_and_k_sliced_from_one_map(cq):
+    # what a channels-last deploy layer passes: q and k split from one conv output, token stride 2 x Cq
+    qk = torch.randn(2, 600, 2 * cq).transpose(1, 2)
+    q, k = qk.split(cq, dim=1)
+    v = torch.randn(2, 600, 32).transpose(1, 2)
+    bias = torch.randn(600, 600)
+    ref = reuse_attention(q, k, v, bias, 0.3, 'eager')
+    assert torch.allclose(reuse_attention(q, k, v, bias, 0.3, 'tiled'), ref, atol=1e-5)
 
 
 def test_tiled_refuses_gradients_and_unknown_impl():

@@ -177,3 +177,23 @@ def test_synthetic_is_learnable_and_unknown_name():
         create_dataset('fashion_mnist', 'train')
     with pytest.raises(UserError, match='at least 32'):
         create_dataset('synthetic', 'train', img_size=16)
+
+
+def test_translate_shifts_the_image_by_up_to_the_padding():
+    from uniform_vit.data.factory import build_transform
+
+    img = Image.new('L', (32, 32))
+    img.putpixel((16, 16), 255)
+    aug = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, re_prob=0.0)
+    plain = build_transform(32, 1, True, (0.0,), (1.0,), aug, interpolation='nearest')
+    assert (plain(img)[0] > 0.5).nonzero().tolist() == [[16, 16]]  # no crop, no shift: the pixel stays put
+    tf = build_transform(32, 1, True, (0.0,), (1.0,), dict(aug, translate=0.125), interpolation='nearest')
+    torch.manual_seed(0)
+    shifts = set()
+    for _ in range(200):
+        out = tf(img)[0]
+        assert out.shape == (32, 32) and out.sum() == 1.0  # one pixel moved, zero fill, nothing lost
+        y, x = (out > 0.5).nonzero()[0].tolist()
+        shifts.add((y - 16, x - 16))
+    assert max(max(abs(dy), abs(dx)) for dy, dx in shifts) == 4  # round(0.125 x 32) pixels each way, no more
+    assert len(shifts) > 40  # shifts in both axes, not a fixed offset

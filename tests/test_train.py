@@ -149,6 +149,9 @@ def test_yaml_config_and_typed_flags_win(tmp_path, capsys):
     assert main(['train', '--dataset', 'synthetic', '--img-size', '16', '--output', str(tmp_path / 'x')]) == 2
     err = capsys.readouterr().err
     assert err.strip().count('\n') == 0 and 'at least 32' in err
+    assert main(['train', '--dataset', 'synthetic', '--translate', '0.6', '--output', str(tmp_path / 'x')]) == 2
+    assert 'translate must be in [0, 0.5)' in capsys.readouterr().err
+    assert make_config(dataset='synthetic', translate=0.1).translate == 0.1
 
 
 def test_finetune_with_other_class_count_reinitialises_head(tmp_path):

@@ -38,6 +38,7 @@ _HELP = {
     'amp': 'mixed precision: auto (GPU: bf16, else fp16; CPU: off), bf16, fp16, none',
     'compile': 'torch.compile the training step (about a minute to compile; then ~1.15x faster on a 2-core CPU)',
     'channels_last': 'model and batches in channels-last memory format (default on: faster on GPUs and CPUs)',
+    'translate': 'random shift of up to this fraction of the image size (zero fill), after the crop; e.g. 0.1',
     'aa': "timm RandAugment string, e.g. rand-m9-mstd0.5; 'none' to disable",
 }
 

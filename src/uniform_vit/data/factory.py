@@ -35,16 +35,25 @@ def dataset_stats(name: str, in_chans: int) -> tuple[tuple[float, ...], tuple[fl
 def build_transform(img_size: int, in_chans: int, train: bool, mean: tuple[float, ...], std: tuple[float, ...],
                     aug: dict | None = None, interpolation: str = 'bicubic') -> Callable:
     """timm's ``create_transform``. ``aug`` (train only) passes through: scale, ratio, hflip, auto_augment, re_prob,
-    color_jitter. Evaluation resizes the whole image (crop_pct 1.0): small datasets are already tightly framed."""
+    color_jitter; plus ``translate``, a fraction of the image size: right after timm's crop, a random shift of up to
+    that many pixels each way, zero-filled (torchvision's padded ``RandomCrop``: the classic CIFAR/Fashion-MNIST
+    augmentation). Evaluation resizes the whole image (crop_pct 1.0): small datasets are already tightly framed."""
     from timm.data import create_transform
 
     size = (in_chans, img_size, img_size)
     if not train:
         return create_transform(size, is_training=False, crop_pct=1.0, interpolation=interpolation, mean=mean, std=std)
     aug = dict(aug or {})
+    translate = aug.pop('translate', 0.0) or 0.0
     if in_chans == 1:
         aug['color_jitter'] = 0.0  # saturation/hue are undefined on one channel
-    return create_transform(size, is_training=True, interpolation=interpolation, mean=mean, std=std, **aug)
+    tf = create_transform(size, is_training=True, interpolation=interpolation, mean=mean, std=std, **aug)
+    pad = round(translate * img_size)
+    if pad > 0:
+        from torchvision import transforms
+
+        tf.transforms.insert(1, transforms.RandomCrop(img_size, padding=pad, fill=0))  # after the resized crop
+    return tf
 
 
 def create_dataset(name: str, split: str, data_dir: str | os.PathLike | None = None, img_size: int = 224,

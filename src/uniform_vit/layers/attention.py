@@ -52,6 +52,7 @@ def create_attention(kind: str, dim: int, num_heads: int, **kwargs) -> nn.Module
 # Below TILED_MIN_N tokens the whole (B, N, N) map is small and one batched matmul wins.
 TILE_BYTES = 1 << 19
 TILED_MIN_N = 512
+ONEDNN_LOGITS = True  # A/B switch for benchmarks/scripts: logits through oneDNN too (else MKL addmm into one buffer)
 
 
 def query_tile(n: int, itemsize: int = 4) -> int:
@@ -71,43 +72,66 @@ def _token_major(v: torch.Tensor) -> bool:
 def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
                  tile: int | None = None) -> torch.Tensor:
     """Query-tiled shared map: per image and per tile of queries, logits (T, N) -> softmax -> ONE matmul with every
-    head's values. The only extra memory is one (T, N) buffer, reused across tiles (no page faults per tile) and
-    softmaxed in place (PyTorch's CPU softmax reads each row before writing it; the tests compare with 'eager'),
-    instead of the (B, N, N) map. Same arithmetic per element as 'eager', so the same numbers.
+    head's values. Only one (T, N) slice of the map exists at a time, softmaxed in place (PyTorch's CPU softmax reads
+    each row before writing it; the tests compare with 'eager'), instead of the (B, N, N) map. Same arithmetic per
+    element as 'eager', so the same numbers up to float rounding.
 
     Output rows are written token-major, (T, C) at a time, whatever the layout of ``v`` (a channel-major output would
     need a temporary and a copy per tile); the result is returned as a (B, C, N) view of (B, N, C) memory.
 
-    In eager calls the value product, ~80 % of the FLOPs, goes through oneDNN: 1.7-2x the rate of ``torch.mm`` on
-    AMD CPUs (see :mod:`uniform_vit.layers.gemm`). oneDNN wants the values as a contiguous (C, N) weight: a
-    channel-major ``v`` already is one; a token-major ``v`` is copied into one (C, N) buffer per image, reused across
-    images (C x N floats more memory, which the doubled matmul rate repays many times over)."""
+    In eager calls the value product goes through oneDNN: 1.7-2x the rate of ``torch.mm`` on AMD CPUs (see
+    :mod:`uniform_vit.layers.gemm`). oneDNN wants the values as a contiguous (C, N) weight: a channel-major ``v``
+    already is one; a token-major ``v`` is copied into one (C, N) buffer per image, reused across images (C x N floats
+    more memory, which the doubled matmul rate repays many times over). The logits go through oneDNN too when the keys
+    are token-major (a channels-last map: (N, Cq) rows, copied once per image only when they are a slice of a wider
+    map), 1.04-1.14x on the whole core at N = 3136; they then come as a fresh (T, N) tensor per tile (the op has no
+    ``out=``). Channel-major keys keep MKL's ``addmm`` into the reused buffer: copying them would add N x Cq floats
+    to the peak memory of the bare core, which stays below fused SDPA's."""
     from .gemm import linear_nt, onednn_linear_available
 
     B, C, N = v.shape
     tile = tile or query_tile(N, q.element_size())
     qt, vt = q.transpose(1, 2), v.transpose(1, 2)  # (B, N, Cq), (B, N, C): views, BLAS takes either layout
     out = v.new_empty(B, N, C)
-    buf = q.new_empty(min(tile, N), N)
     softmax_out = torch.ops.aten._softmax.out
     onednn = onednn_linear_available(q, k, v)
+    # oneDNN wants the keys as an (N, Cq) weight: token-major keys (a channels-last map) already are one; copying
+    # channel-major keys would cost N x Cq floats of peak memory, so those keep MKL's addmm into the reused buffer
+    logits_onednn = onednn and ONEDNN_LOGITS and _token_major(k)
     vbuf = v.new_empty(C, N) if onednn and not v[0].is_contiguous() else None
+    # token-major keys sliced from a wider map (q and k split from one conv) have a token stride > Cq: oneDNN would
+    # repack such a weight on every call (measured 250x slower), so they are copied once per image, which only pays
+    # off from Cq = 32 (deploy layer at N = 3136: 0.98x at Cq = 16, 1.07-1.09x at Cq = 32-64)
+    kcopy = logits_onednn and not k[0].t().is_contiguous()
+    logits_onednn = logits_onednn and (not kcopy or k.shape[1] >= 32)
+    buf = None if logits_onednn else q.new_empty(min(tile, N), N)
+    kbuf = k.new_empty(N, k.shape[1]) if logits_onednn and kcopy else None
     for b in range(B):
-        vb = None  # (C, N) contiguous: a linear layer's (out, in) weight
+        vb = kw = None  # (C, N) and (N, Cq) contiguous: linear layers' (out, in) weights
         if onednn:
             vb = v[b] if vbuf is None else vbuf.copy_(v[b])
+        if logits_onednn:
+            kw = k[b].t() if kbuf is None else kbuf.copy_(k[b].t())
         for s in range(0, N, tile):
             e = min(s + tile, N)
-            at = buf[:e - s]
-            if bias is None:
-                torch.addmm(at, qt[b, s:e], k[b], beta=0.0, alpha=scale, out=at)
+            if logits_onednn:
+                # (T, N) rows of the shared map, oneDNN (up to 2x MKL's rate for K = Cq); the scale goes on the
+                # (T, Cq) queries, a small copy, instead of on the (T, N) logits
+                at = linear_nt(qt[b, s:e] * scale, kw)
+                if bias is not None:
+                    at += bias[s:e]
             else:
-                torch.addmm(bias[s:e], qt[b, s:e], k[b], alpha=scale, out=at)  # (T, N) rows of the shared map
+                at = buf[:e - s]
+                if bias is None:
+                    torch.addmm(at, qt[b, s:e], k[b], beta=0.0, alpha=scale, out=at)
+                else:
+                    torch.addmm(bias[s:e], qt[b, s:e], k[b], alpha=scale, out=at)  # (T, N) rows of the shared map
             softmax_out(at, -1, False, out=at)
             if vb is not None:
                 out[b, s:e] = linear_nt(at, vb)  # (T, C): every head in one matmul, oneDNN
             else:
                 torch.mm(at, vt[b], out=out[b, s:e])  # (T, C): every head in one matmul
+            del at  # free this tile's logits before the next tile allocates its own
     return out.transpose(1, 2)
 
 

@@ -59,6 +59,7 @@ class TrainConfig:
     reprob: float = 0.25
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    translate: float = 0.0  # random shift of up to this fraction of the image size, zero fill (after the crop)
     hflip: float = 0.5
     color_jitter: float = 0.4
     interpolation: str = 'bicubic'
@@ -158,6 +159,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.lr is None or cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
         (cfg.amp in ('auto', 'bf16', 'fp16', 'none'), f"amp must be auto, bf16, fp16 or none, got {cfg.amp!r}"),
         (0 <= cfg.smoothing < 1, f"smoothing must be in [0, 1), got {cfg.smoothing}"),
+        (0 <= cfg.translate < 0.5, f"translate must be in [0, 0.5) (a share of the image size), got {cfg.translate}"),
         (cfg.val_every >= 1, f"val_every must be at least 1, got {cfg.val_every}"),
         (cfg.dataset is not None or cfg.data_dir is not None, "give --dataset or --data-dir"),
     ]

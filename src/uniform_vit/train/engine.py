@@ -121,7 +121,7 @@ def build_datasets(cfg: TrainConfig, in_chans: int) -> tuple[torch.utils.data.Da
 
     name = cfg.dataset or 'folder'
     aug = dict(scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, auto_augment=cfg.aa, re_prob=cfg.reprob,
-               color_jitter=cfg.color_jitter)
+               color_jitter=cfg.color_jitter, translate=cfg.translate)
     common = dict(data_dir=cfg.data_dir, img_size=cfg.img_size, in_chans=in_chans, interpolation=cfg.interpolation,
                   strict=cfg.strict, seed=cfg.seed, num_classes=cfg.num_classes or 10)
     train_ds = create_dataset(name, 'train', train=True, aug=aug, num_samples=cfg.train_samples, **common)
