@@ -84,7 +84,7 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     already is one; a token-major ``v`` is copied into one (C, N) buffer per image, reused across images (C x N floats
     more memory, which the doubled matmul rate repays many times over). The logits go through oneDNN too when the keys
     are token-major (a channels-last map: (N, Cq) rows, copied once per image only when they are a slice of a wider
-    map), 1.04-1.14x on the whole core at N = 3136; they then come as a fresh (T, N) tensor per tile (the op has no
+    map), 1.04-1.15x on the whole core at N = 3136; they then come as a fresh (T, N) tensor per tile (the op has no
     ``out=``). Channel-major keys keep MKL's ``addmm`` into the reused buffer: copying them would add N x Cq floats
     to the peak memory of the bare core, which stays below fused SDPA's."""
     from .gemm import linear_nt, onednn_linear_available
@@ -100,8 +100,8 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     logits_onednn = onednn and ONEDNN_LOGITS and _token_major(k)
     vbuf = v.new_empty(C, N) if onednn and not v[0].is_contiguous() else None
     # token-major keys sliced from a wider map (q and k split from one conv) have a token stride > Cq: oneDNN would
-    # repack such a weight on every call (measured 250x slower), so they are copied once per image, which only pays
-    # off from Cq = 32 (deploy layer at N = 3136: 0.98x at Cq = 16, 1.07-1.09x at Cq = 32-64)
+    # repack such a weight on every call (measured over 200x slower), so they are copied once per image, which pays
+    # off only from Cq = 32 (deploy layer at N = 3136: 0.98x at Cq = 16, 1.07-1.10x at Cq = 32-64)
     kcopy = logits_onednn and not k[0].t().is_contiguous()
     logits_onednn = logits_onednn and (not kcopy or k.shape[1] >= 32)
     buf = None if logits_onednn else q.new_empty(min(tile, N), N)
