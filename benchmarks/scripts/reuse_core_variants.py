@@ -12,6 +12,8 @@ One thread, batch 1, 4 heads, C = 64 / 128 / 256, interleaved rounds with one un
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,16 @@ from torch.nn.attention.flex_attention import flex_attention
 import uniform_vit.layers.attention as attention
 from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio
 from uniform_vit.layers.attention import reuse_attention
+
+
+@contextlib.contextmanager
+def logits_via_onednn(on: bool) -> Iterator[None]:
+    """The tiled core's logits through oneDNN (the default) or MKL's addmm, for the duration of the block."""
+    attention.ONEDNN_LOGITS = on
+    try:
+        yield
+    finally:
+        attention.ONEDNN_LOGITS = True
 
 
 def compare(C: int, N: int, rounds: int, heads: int = 4) -> tuple[float, dict[str, list[float]]]:
@@ -35,11 +47,8 @@ def compare(C: int, N: int, rounds: int, heads: int = 4) -> tuple[float, dict[st
     qf, kf, vf = (t.transpose(1, 2)[:, None].contiguous() for t in (q, k, v))
 
     def tiled(onednn_logits: bool) -> torch.Tensor:
-        attention.ONEDNN_LOGITS = onednn_logits
-        try:
+        with logits_via_onednn(onednn_logits):
             return reuse_attention(q, k, v, None, scale, 'tiled')
-        finally:
-            attention.ONEDNN_LOGITS = True
 
     with torch.no_grad():
         ref = reuse_attention(q, k, v, None, scale, 'eager')[0]
@@ -59,11 +68,8 @@ def compare_layer(C: int, H: int, rounds: int) -> dict[str, list[float]]:
     x = torch.randn(1, C, H, H)
 
     def run(onednn_logits: bool) -> torch.Tensor:
-        attention.ONEDNN_LOGITS = onednn_logits
-        try:
+        with logits_via_onednn(onednn_logits):
             return layer(x)
-        finally:
-            attention.ONEDNN_LOGITS = True
 
     with torch.no_grad():
         return interleaved_timing({'onednn': lambda: run(True), 'mkl': lambda: run(False)}, rounds=rounds,

@@ -95,15 +95,14 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     out = v.new_empty(B, N, C)
     softmax_out = torch.ops.aten._softmax.out
     onednn = onednn_linear_available(q, k, v)
-    # oneDNN wants the keys as an (N, Cq) weight: token-major keys (a channels-last map) already are one; copying
-    # channel-major keys would cost N x Cq floats of peak memory, so those keep MKL's addmm into the reused buffer
-    logits_onednn = onednn and ONEDNN_LOGITS and _token_major(k)
     vbuf = v.new_empty(C, N) if onednn and not v[0].is_contiguous() else None
-    # token-major keys sliced from a wider map (q and k split from one conv) have a token stride > Cq: oneDNN would
+    # oneDNN wants the keys as an (N, Cq) weight. Token-major keys (a channels-last map) already are one; copying
+    # channel-major keys would cost N x Cq floats of peak memory, so those keep MKL's addmm into the reused buffer.
+    # Token-major keys sliced from a wider map (q and k split from one conv) have a token stride > Cq: oneDNN would
     # repack such a weight on every call (measured over 200x slower), so they are copied once per image, which pays
     # off only from Cq = 32 (deploy layer at N = 3136: 0.98x at Cq = 16, 1.07-1.10x at Cq = 32-64)
-    kcopy = logits_onednn and not k[0].t().is_contiguous()
-    logits_onednn = logits_onednn and (not kcopy or k.shape[1] >= 32)
+    kcopy = k.stride(2) != k.shape[1]  # for token-major keys: each token's Cq values do not follow the previous
+    logits_onednn = onednn and ONEDNN_LOGITS and _token_major(k) and (not kcopy or k.shape[1] >= 32)
     buf = None if logits_onednn else q.new_empty(min(tile, N), N)
     kbuf = k.new_empty(N, k.shape[1]) if logits_onednn and kcopy else None
     for b in range(B):
