@@ -130,6 +130,17 @@ def test_tiled_with_q_and_k_sliced_from_one_map(cq):
     assert torch.allclose(reuse_attention(q, k, v, bias, 0.3, 'tiled'), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize('impl', ['eager', 'tiled', 'sdpa'])
+@pytest.mark.parametrize('token_major', [False, True])
+def test_core_empty_batch(impl, token_major):
+    if token_major:
+        q, k, v = (torch.randn(0, 600, c).transpose(1, 2) for c in (32, 32, 64))
+    else:
+        q, k, v = torch.randn(0, 32, 600), torch.randn(0, 32, 600), torch.randn(0, 64, 600)
+    out = reuse_attention(q, k, v, torch.randn(600, 600), 0.3, impl)
+    assert out.shape == (0, 64, 600)
+
+
 def test_tiled_refuses_gradients_and_unknown_impl():
     q = torch.randn(1, 8, 600, requires_grad=True)
     with pytest.raises(ValueError, match='inference-only'):

@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--quick', action='store_true', help='fewer rounds (and the 4-model quick set unless --models)')
     p.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda'")
     p.add_argument('--backend', default='jit', choices=['eager', 'jit', 'compile', 'onnxruntime'],
-                   help='jit = torch.jit.trace, the paper method (default)')
+                   help='jit = torch.jit.trace, the paper method (default); compile = torch.compile, '
+                        'weights frozen on CPU')
     p.add_argument('--int8', action='store_true', help='onnxruntime only: static int8 (calibrated on random data)')
     p.add_argument('--threads', type=positive_int, default=1, help='CPU threads (default 1, the paper method)')
     p.add_argument('--batch-size', type=positive_int, default=None, help='default: 16 on CPU, 2048 on CUDA')

@@ -90,6 +90,8 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     from .gemm import linear_nt, onednn_linear_available
 
     B, C, N = v.shape
+    if B == 0:  # nothing to attend; the buffers below are chosen from the first image
+        return v.new_empty(B, N, C).transpose(1, 2)
     tile = tile or query_tile(N, q.element_size())
     qt, vt = q.transpose(1, 2), v.transpose(1, 2)  # (B, N, Cq), (B, N, C): views, BLAS takes either layout
     out = v.new_empty(B, N, C)
