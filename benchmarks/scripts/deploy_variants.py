@@ -62,6 +62,11 @@ def _pm_postops(self: PatchMerging, x: torch.Tensor) -> torch.Tensor:
     return self.conv3(self.se(_cr(self.conv2, _cr(self.conv1, x))))
 
 
+def _in_parts(stem: DeployStem, x: torch.Tensor, part) -> torch.Tensor:
+    """``part`` on each of the deploy stem's batch chunks, concatenated (as ``DeployStem.forward`` does)."""
+    return torch.cat([part(p) for p in x.tensor_split(stem.chunks)])
+
+
 def _stem_postops(self: DeployStem, x: torch.Tensor) -> torch.Tensor:
     convs = [m for m in self if isinstance(m, nn.Conv2d)]
 
@@ -71,23 +76,18 @@ def _stem_postops(self: DeployStem, x: torch.Tensor) -> torch.Tensor:
             p = _cr(c, p)
         return convs[-1](p)
 
-    return torch.cat([part(p) for p in x.tensor_split(self.chunks)])
+    return _in_parts(self, x, part)
 
 
 def _stem_nchw_conv1(self: DeployStem, x: torch.Tensor) -> torch.Tensor:
-    layers = list(self)
-
-    def part(p: torch.Tensor) -> torch.Tensor:
-        p = layers[1](layers[0](p)).contiguous(memory_format=torch.channels_last)
-        for m in layers[2:]:
-            p = m(p)
-        return p
-
-    return torch.cat([part(p) for p in x.tensor_split(self.chunks)])
+    # the first conv and its ReLU on the NCHW image, the rest on channels-last (plain Sequentials: a slice of the
+    # DeployStem would be a DeployStem, splitting and converting again)
+    head, tail = nn.Sequential(*list(self)[:2]), nn.Sequential(*list(self)[2:])
+    return _in_parts(self, x, lambda p: tail(head(p).contiguous(memory_format=torch.channels_last)))
 
 
 def _stem_one_transpose(self: DeployStem, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([nn.Sequential.forward(self, p) for p in _to_channels_last(x).tensor_split(self.chunks)])
+    return _in_parts(self, _to_channels_last(x), lambda p: nn.Sequential.forward(self, p))
 
 
 def apply(model: nn.Module, variant: str) -> nn.Module:

@@ -51,9 +51,10 @@ def main() -> None:
     model = timm.create_model(args.model).eval()
     flops = nominal_flops(model, (3, 224, 224)) * args.batch_size
     stem_flops = nominal_flops(model.patch_embed, (3, 224, 224)) * args.batch_size
+    fused = reparameterize(model)
+    stem_convs = sum(isinstance(m, torch.nn.Conv2d) for m in fused.patch_embed.modules())
     tmp = tempfile.mkdtemp()
-    path = export_onnx(reparameterize(model), os.path.join(tmp, 'm.onnx'), input_size=(3, 224, 224),
-                       align_channels=ort_channel_block())
+    path = export_onnx(fused, os.path.join(tmp, 'm.onnx'), input_size=(3, 224, 224), align_channels=ort_channel_block())
     so = ort.SessionOptions()
     so.intra_op_num_threads = so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -73,17 +74,21 @@ def main() -> None:
         events = json.load(f)
     # only the timed calls: the node events inside the last `calls` model runs, in execution order
     runs = sorted((e['ts'], e['ts'] + e['dur']) for e in events if e.get('name') == 'model_run')[-args.calls:]
-    nodes = sorted((e for e in events if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time')
-                    and any(a <= e['ts'] <= b for a, b in runs)), key=lambda e: e['ts'])
     calls = len(runs)
-    stem_convs = sum(isinstance(m, torch.nn.Conv2d) for m in reparameterize(model).patch_embed.modules())
+
+    def run_of(ts: int) -> int | None:
+        return next((i for i, (start, end) in enumerate(runs) if start <= ts <= end), None)
+
+    nodes = sorted(((run_of(e['ts']), e['ts'], i, e) for i, e in enumerate(events)
+                    if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time')), key=lambda t: t[1:3])
     by_kind, conv_t, conv_n, conv_f = collections.Counter(), collections.Counter(), collections.Counter(), {}
-    stem_us, convs_seen, run_end = 0.0, 0, None
-    for e in nodes:
+    stem_us, convs_seen, current = 0.0, 0, None
+    for run, _, _, e in nodes:
+        if run is None:  # a warm-up call
+            continue
         a = e['args']
-        end = next(b for r, b in runs if r <= e['ts'] <= b)
-        if end != run_end:  # a new call: count its stem again
-            run_end, convs_seen = end, 0
+        if run != current:  # a new call: count its stem again
+            current, convs_seen = run, 0
         if convs_seen < stem_convs:  # the stem: every node up to its last conv (reorders included)
             stem_us += e['dur']
         by_kind[a['op_name']] += e['dur']
