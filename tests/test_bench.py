@@ -149,6 +149,58 @@ def test_bench_json_schema_on_tiny_inputs(tmp_path):
     json.dumps(result)  # plain JSON types only
 
 
+class _Hungry(torch.nn.Module):
+    """Needs about a terabyte per image above ``limit`` images when served (traced, or in inference mode), which the
+    real allocator refuses; the FLOP count (one image, eager, no_grad) is spared so that ``limit=0`` reaches the
+    timing loop's batch-1 case."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.conv = limit, torch.nn.Conv2d(3, 4, 3)
+        self.pretrained_cfg = {'input_size': (3, 32, 32)}
+
+    def forward(self, x):
+        if x.shape[0] > self.limit and (torch.jit.is_tracing() or torch.is_inference_mode_enabled()):
+            torch.empty(x.shape[0], 2 ** 38)
+        return self.conv(x).mean((2, 3))
+
+
+def _register_hungry():
+    from timm.models import is_model, register_model
+
+    if not is_model('hungry_above_batch_4'):
+        def hungry_above_batch_4(pretrained=False, **kwargs):
+            return _Hungry(4)
+
+        def hungry_always(pretrained=False, **kwargs):
+            return _Hungry(0)
+
+        register_model(hungry_above_batch_4)
+        register_model(hungry_always)
+
+
+def test_out_of_memory_halves_the_batch_and_pairs_compare_per_image():
+    from uniform_vit.bench.models import batch_notes, peer_pairs, prepare
+
+    _register_hungry()
+    s = resolve_settings(BenchSettings(models=['hungry_above_batch_4'], batch_size=16, rounds=1, latency_rounds=0))
+    p = prepare('hungry_above_batch_4', s, '.')
+    assert p.batch_size == 4  # 16 and 8 ran out of memory
+    assert p.call().shape == (4, 4)
+    with pytest.raises(UserError, match='out of memory even at batch 1'):
+        prepare('hungry_always', s, '.')
+    # a peer timed at half the batch in half the time is exactly as fast per image
+    times = {'uniform_t': [2.0, 2.0, 2.0], 'efficientvit_m0': [1.0, 1.2, 0.8]}
+    (pair,) = peer_pairs(times, {'uniform_t': 16, 'efficientvit_m0': 8})
+    assert pair['speedup'] == 1.0 and pair['speedup_spread'] > 0
+    (pair,) = peer_pairs(times, {'uniform_t': 16, 'efficientvit_m0': 16})
+    assert pair['speedup'] == 0.5
+    result = {'settings': {'batch_size': 16}, 'rows': [{'model': 'uniform_t', 'batch_size': 16},
+                                                        {'model': 'efficientvit_m0', 'batch_size': 8}]}
+    assert batch_notes(result) == ['efficientvit_m0: out of memory at batch 16, timed at batch 8 (img/s and the '
+                                   'paired ratios are per image)']
+
+
 def test_compile_backend_freezes_weights_on_cpu(tmp_path):
     # Inductor's CPU inference mode (weights frozen, oneDNN convs with fused bias/ReLU) for every shape it compiles,
     # without leaking the switch into the caller's process

@@ -15,7 +15,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -61,7 +61,6 @@ class BenchSettings:
     latency_rounds: int = 10  # batch-1 latency rounds; 0 skips them
     repeat: int = 1  # >1: the whole measurement again in that many fresh processes, medians across them
     model_set: str = 'custom'
-    notes: list[str] = field(default_factory=list)
 
 
 def resolve_settings(s: BenchSettings) -> BenchSettings:
@@ -239,13 +238,17 @@ def prepare(name: str, s: BenchSettings, workdir: str) -> Prepared:
             x = torch.randn(batch, *input_size, device=device).contiguous(memory_format=fmt)
             runner = make_runner(model, s.backend, x, s, workdir)
             call = _bind(runner, x, s)
-            call()  # first call compiles/allocates; an OOM here halves the batch
+            call()  # first call compiles/allocates; running out of memory here halves the batch
             break
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not _out_of_memory(e):
+                raise
+            x = runner = call = None
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
             if batch == 1:
-                raise UserError(f"{name}: out of memory even at batch 1") from None
+                raise UserError(f"{name}: out of memory even at batch 1 on {device}") from None
             batch = max(1, batch // 2)
-            torch.cuda.empty_cache()
     call_b1 = None
     if s.latency_rounds:
         x1 = torch.randn(1, *input_size, device=device).contiguous(memory_format=fmt)
@@ -254,6 +257,11 @@ def prepare(name: str, s: BenchSettings, workdir: str) -> Prepared:
     with quiet():
         mem = peak_memory_bytes(call, device) if s.backend != 'onnxruntime' else None
     return Prepared(name, params, flops, input_size, batch, call, call_b1, mem)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA's allocator raises torch.OutOfMemoryError; the CPU allocator a plain RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
 def _bind(runner: Callable[[torch.Tensor], object], x: torch.Tensor, s: BenchSettings) -> Callable[[], object]:
@@ -371,11 +379,7 @@ def _run(s: BenchSettings, progress: Callable[[str, int, int], None]) -> dict:
     peak_by_model = {p.name: times.pop(PEAK_NAME + ' ' + p.name) for p in prepared}
     peak_times = [min(ts) for ts in zip(*peak_by_model.values())]  # per round: the probe at its least disturbed
     rows = [_row(p, times[p.name], peak_by_model[p.name], peak_flops, lat.get(p.name), s) for p in prepared]
-    pairs = []
-    for a, b in PEERS.items():
-        if a in times and b in times:
-            pairs.append(dict(model=a, peer=b, speedup=round(paired_ratio(times[a], times[b]), 3),
-                              speedup_spread=round(spread([tb / ta for ta, tb in zip(times[a], times[b])]), 3)))
+    pairs = peer_pairs(times, {p.name: p.batch_size for p in prepared})
     for r in rows:
         pr = next((p for p in pairs if p['model'] == r['model']), None)
         r['peer'], r['speedup_vs_peer'] = (pr['peer'], pr['speedup']) if pr else (None, None)
@@ -383,6 +387,25 @@ def _run(s: BenchSettings, progress: Callable[[str, int, int], None]) -> dict:
                 gflops=round(peak_flops / median(peak_times) / 1e9, 2), spread=round(spread(peak_times), 3))
     settings = asdict(s)
     return dict(environment=env, settings=settings, peak=peak, rows=rows, pairs=pairs)
+
+
+def peer_pairs(times: dict[str, list[float]], batches: dict[str, int]) -> list[dict]:
+    """Each UniForm against its size-matched peer, round by round, per image: after an out-of-memory fallback
+    two models may have run at different batch sizes, and seconds per batch would then compare unlike work."""
+    pairs = []
+    for a, b in PEERS.items():
+        if a in times and b in times:
+            ta, tb = [t / batches[a] for t in times[a]], [t / batches[b] for t in times[b]]
+            pairs.append(dict(model=a, peer=b, speedup=round(paired_ratio(ta, tb), 3),
+                              speedup_spread=round(spread([y / x for x, y in zip(ta, tb)]), 3)))
+    return pairs
+
+
+def batch_notes(result: dict) -> list[str]:
+    """One line per model that ran at a smaller batch than asked (out of memory at the requested size)."""
+    asked = result['settings']['batch_size']
+    return [f"{r['model']}: out of memory at batch {asked}, timed at batch {r['batch_size']} (img/s and the paired "
+            "ratios are per image)" for r in result['rows'] if r['batch_size'] != asked]
 
 
 def _row(p: Prepared, t: list[float], peak_t: list[float], peak_flops: float, lat: list[float] | None,

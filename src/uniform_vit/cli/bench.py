@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         ROW_FIELDS,
         TABLE_COLUMNS,
         banner,
+        batch_notes,
         check_outputs,
         plot_top1_vs_throughput,
         resolve_settings,
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print(banner(result))
         print_table(table_rows(result), TABLE_COLUMNS, 'UniForm vs peers (median of interleaved rounds)')
+        for line in batch_notes(result):
+            console.print(f"  note: {line}", style='yellow')
         for p in result['pairs']:
             if 'speedup_runs' in p:
                 runs = ', '.join(f'{x:.2f}' for x in sorted(p['speedup_runs']))
