@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import randomize_bn
 from uniform_vit.layers.attention import (
@@ -93,7 +94,15 @@ def test_shared_map_is_one_per_window_not_per_head():
 @pytest.mark.parametrize('n', [49, 600])  # 600 >= TILED_MIN_N: 'auto' takes the tiled path, tiles do not divide N
 @pytest.mark.parametrize('token_major', [False, True])  # q, k, v as flattened channels-last maps (oneDNN logits)
 @pytest.mark.parametrize('with_bias', [True, False])
-def test_core_impls_agree_with_eager(impl, n, token_major, with_bias):
+@pytest.mark.parametrize('backend', ['onednn', 'mkl'])  # the GEMM policy picks one per CPU vendor: test both
+def test_core_impls_agree_with_eager(impl, n, token_major, with_bias, backend):
+    from uniform_vit.layers.gemm import gemm_backend
+
+    with gemm_backend(backend):
+        _core_agrees_with_eager(impl, n, token_major, with_bias)
+
+
+def _core_agrees_with_eager(impl, n, token_major, with_bias):
     if token_major:
         q, k, v = (torch.randn(2, n, c).transpose(1, 2) for c in (8, 8, 32))
     else:
@@ -223,3 +232,51 @@ def test_onednn_linear_matches_mm_and_stays_out_of_traces():
 
     torch.jit.trace(probe, torch.randn(2), check_trace=False)
     assert seen == [False]  # jit.trace cannot record the oneDNN op, so traced code keeps torch.mm
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('token_major', [False, True])
+def test_gemm_backend_decides_which_library_runs_the_tiled_core(token_major):
+    from uniform_vit.layers.gemm import gemm_backend, onednn_linear_available
+
+    n = 600
+    if token_major:
+        q, k, v = (torch.randn(1, n, c).transpose(1, 2) for c in (8, 8, 32))
+    else:
+        q, k, v = torch.randn(1, 8, n), torch.randn(1, 8, n), torch.randn(1, 32, n)
+    seen = {}
+    for backend in ('onednn', 'mkl'):
+        with gemm_backend(backend), torch.no_grad(), _OpLog() as log:
+            reuse_attention(q, k, v, None, 0.3, 'tiled')
+        seen[backend] = log.ops.count('mkldnn._linear_pointwise')
+    assert seen['mkl'] == 0  # every product through torch.mm / addmm
+    if onednn_linear_available(q, k, v):
+        assert seen['onednn'] >= math.ceil(n / 128)  # at least one value product per tile
+
+
+def test_gemm_policy_follows_the_cpu_vendor_and_rejects_unknown_backends(monkeypatch):
+    import uniform_vit.layers.gemm as gemm
+
+    assert isinstance(gemm.cpu_vendor(), str)  # this machine's, e.g. 'GenuineIntel' or 'AuthenticAMD'
+    monkeypatch.setattr(gemm, '_backend', 'auto')
+    monkeypatch.setattr(gemm, 'cpu_vendor', lambda: 'GenuineIntel')
+    assert not gemm.onednn_preferred()  # MKL runs AVX-512 on Intel CPUs
+    monkeypatch.setattr(gemm, 'cpu_vendor', lambda: 'AuthenticAMD')
+    assert gemm.onednn_preferred()
+    with gemm.gemm_backend('mkl'):
+        assert not gemm.onednn_preferred()
+    assert gemm.onednn_preferred()  # restored
+    with pytest.raises(ValueError, match='unknown GEMM backend'), gemm.gemm_backend('blas'):
+        pass
+    monkeypatch.setattr(gemm, '_backend', 'openblas')  # as from UNIFORM_VIT_GEMM=openblas
+    with pytest.raises(ValueError, match='UNIFORM_VIT_GEMM'):
+        gemm.onednn_preferred()

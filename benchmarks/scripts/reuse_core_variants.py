@@ -1,6 +1,7 @@
-"""Reuse core variants at one token count: our query-tiled core (logits through oneDNN, the default, or through
-MKL's addmm as before session 5), the same arithmetic as one compiled ``flex_attention`` call (Inductor's CPU flash
-template), and multi-head fused SDPA (the issue's baseline); then the whole deploy layer with either logits path.
+"""Reuse core variants at one token count: our query-tiled core with its products through oneDNN (logits too, or
+logits through MKL's addmm as before session 5) or all through ``torch.mm`` (MKL; ``uniform_vit.layers.gemm`` picks
+one per CPU vendor), the same arithmetic as one compiled ``flex_attention`` call (Inductor's CPU flash template), and
+multi-head fused SDPA (the issue's baseline); then the whole deploy layer with either GEMM backend.
 
     python benchmarks/scripts/reuse_core_variants.py --tokens 3136 --peak 250
 
@@ -22,6 +23,7 @@ from torch.nn.attention.flex_attention import flex_attention
 import uniform_vit.layers.attention as attention
 from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio
 from uniform_vit.layers.attention import reuse_attention
+from uniform_vit.layers.gemm import cpu_vendor, gemm_backend, onednn_preferred
 
 
 @contextlib.contextmanager
@@ -46,14 +48,15 @@ def compare(C: int, N: int, rounds: int, heads: int = 4) -> tuple[float, dict[st
     # flex wants (B, heads, N, d): the shared map is one head with a C-wide value
     qf, kf, vf = (t.transpose(1, 2)[:, None].contiguous() for t in (q, k, v))
 
-    def tiled(onednn_logits: bool) -> torch.Tensor:
-        with logits_via_onednn(onednn_logits):
+    def tiled(backend: str, onednn_logits: bool = True) -> torch.Tensor:
+        with gemm_backend(backend), logits_via_onednn(onednn_logits):
             return reuse_attention(q, k, v, None, scale, 'tiled')
 
     with torch.no_grad():
         ref = reuse_attention(q, k, v, None, scale, 'eager')[0]
         diff = (flex(qf, kf, vf, scale=scale)[0, 0].T - ref).abs().max().item()
-        fns = {'tiled': lambda: tiled(True), 'tiled_mkl_logits': lambda: tiled(False),
+        fns = {'tiled_onednn': lambda: tiled('onednn'), 'tiled_mkl_logits': lambda: tiled('onednn', False),
+               'tiled_mkl': lambda: tiled('mkl'),
                'flex': lambda: flex(qf, kf, vf, scale=scale),
                'sdpa_mha': lambda: F.scaled_dot_product_attention(qm, km, vm)}
         return diff, interleaved_timing(fns, rounds=rounds, warmup=2, rewarm=1)
@@ -61,18 +64,18 @@ def compare(C: int, N: int, rounds: int, heads: int = 4) -> tuple[float, dict[st
 
 def compare_layer(C: int, H: int, rounds: int) -> dict[str, list[float]]:
     """The whole deploy layer (bench-attn's ``reuse_fast``: channels-last, q/k sliced from one conv, relative
-    position bias) on an H x H map, logits through oneDNN or MKL."""
+    position bias) on an H x H map, its products through oneDNN or MKL."""
     from uniform_vit.bench.attn import MECHANISMS
 
     layer = MECHANISMS['reuse_fast'].build(C, 4, H, H)
     x = torch.randn(1, C, H, H)
 
-    def run(onednn_logits: bool) -> torch.Tensor:
-        with logits_via_onednn(onednn_logits):
+    def run(backend: str) -> torch.Tensor:
+        with gemm_backend(backend):
             return layer(x)
 
     with torch.no_grad():
-        return interleaved_timing({'onednn': lambda: run(True), 'mkl': lambda: run(False)}, rounds=rounds,
+        return interleaved_timing({'onednn': lambda: run('onednn'), 'mkl': lambda: run('mkl')}, rounds=rounds,
                                   warmup=2, rewarm=1)
 
 
@@ -84,6 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     N = args.tokens
+    print(f"CPU vendor {cpu_vendor()}: the default GEMM backend here is {'onednn' if onednn_preferred() else 'mkl'}")
     for C in (64, 128, 256):
         diff, times = compare(C, N, args.rounds)
         flops = 2.5 * N * N * C
@@ -92,12 +96,13 @@ def main() -> None:
             rate = flops / median(t) / 1e9
             print(f'  {name:16s} {median(t) * 1e3:8.2f} ms {rate:7.1f} GFLOP/s {rate / args.peak:6.1%} of peak'
                   f'   {paired_ratio(t, times["sdpa_mha"]):.2f}x SDPA')
-        print(f'  oneDNN logits vs MKL logits (paired): {paired_ratio(times["tiled"], times["tiled_mkl_logits"]):.3f}x')
+        print(f'  oneDNN vs MKL, all products (paired): {paired_ratio(times["tiled_onednn"], times["tiled_mkl"]):.3f}x;'
+              f' logits alone: {paired_ratio(times["tiled_onednn"], times["tiled_mkl_logits"]):.3f}x')
     side = round(N ** 0.5)
     for C in (64, 128, 256):
         t = compare_layer(C, side, args.rounds)
-        print(f'deploy layer C = {C}, {side}x{side} map: oneDNN logits {median(t["onednn"]) * 1e3:.2f} ms, MKL logits '
-              f'{median(t["mkl"]) * 1e3:.2f} ms, {paired_ratio(t["onednn"], t["mkl"]):.3f}x (paired)')
+        print(f'deploy layer C = {C}, {side}x{side} map: oneDNN {median(t["onednn"]) * 1e3:.2f} ms, MKL '
+              f'{median(t["mkl"]) * 1e3:.2f} ms, oneDNN {paired_ratio(t["onednn"], t["mkl"]):.3f}x MKL (paired)')
 
 
 if __name__ == '__main__':

@@ -130,6 +130,14 @@ def _reuse_qkv(x: torch.Tensor) -> tuple:
     return q, k, v
 
 
+def _reuse_qkv_token_major(x: torch.Tensor) -> tuple:
+    """The same shapes as (B, C, N) views of (B, N, C) memory: what a channels-last deploy layer hands the core."""
+    B, C, H, W = x.shape
+    g = torch.Generator(device=x.device).manual_seed(0)
+    return tuple(torch.randn(B, H * W, c, generator=g, device=x.device, dtype=x.dtype).transpose(1, 2)
+                 for c in (C // 4, C // 4, C))
+
+
 def _explicit_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1) @ v
 
@@ -291,10 +299,14 @@ MECHANISMS: dict[str, Mechanism] = {m.name: m for m in [
     Mechanism('core_reuse_tiled', 'core', 'core: Reuse, query-tiled (fast path)',
               lambda C, h, H, W: CoreInputs(_reuse_core('tiled'), _reuse_qkv), reuse_core_flops,
               lambda B, N, C, h: _bytes(1.5 * B * N * C, 0, B * N * C, 0), needs_divisible=4),
+    Mechanism('core_reuse_tiled_tm', 'core', "core: Reuse, query-tiled, token-major q/k/v (the deploy layer's)",
+              lambda C, h, H, W: CoreInputs(_reuse_core('tiled'), _reuse_qkv_token_major), reuse_core_flops,
+              lambda B, N, C, h: _bytes(1.5 * B * N * C, 0, B * N * C, 0), needs_divisible=4),
 ]}
 DEFAULT_TOKENS = (49, 196, 784, 3136, 4096)
 # pairs whose speed ratio the issue's targets name: (fast, baseline)
-TARGET_PAIRS = (('core_reuse_tiled', 'core_mha_sdpa'), ('core_reuse_eager', 'core_mha_sdpa'),
+TARGET_PAIRS = (('core_reuse_tiled', 'core_mha_sdpa'), ('core_reuse_tiled_tm', 'core_mha_sdpa'),
+                ('core_reuse_eager', 'core_mha_sdpa'),
                 ('reuse_fast', 'mha_sdpa'), ('reuse_deploy', 'mha_sdpa'))
 
 

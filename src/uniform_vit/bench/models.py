@@ -118,12 +118,10 @@ def create(name: str, img_size: int | None = None) -> tuple[nn.Module, tuple[int
 @torch.no_grad()
 def nominal_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     """FLOPs of one image through the UNFUSED model (torch.utils.flop_counter: 2 per multiply-accumulate)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from ..layers.flops import count_flops
 
-    p = next(model.parameters())
-    with FlopCounterMode(display=False) as fc:
-        model(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
-    return int(fc.get_total_flops())
+    p = next(model.parameters(), torch.zeros(()))  # a parameter-free module runs on the CPU in fp32
+    return count_flops(model, torch.zeros(1, *input_size, device=p.device, dtype=p.dtype))
 
 
 def count_params(model: nn.Module) -> int:

@@ -25,11 +25,11 @@ def model_rows(pattern: str = 'uniform_*', img_size: int = 224, attn_type: str =
 
     import timm
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from ..bench.published import published_top1
     from ..errors import UserError
     from ..layers.attention import ATTENTION_KINDS
+    from ..layers.flops import count_flops
     from ..models.uniform import VARIANTS
 
     if attn_type not in ATTENTION_KINDS:
@@ -43,8 +43,7 @@ def model_rows(pattern: str = 'uniform_*', img_size: int = 224, attn_type: str =
     for name in names:
         cfg = VARIANTS[name]
         model = timm.create_model(name, attn_type=attn_type).eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(torch.zeros(1, 3, img_size, img_size))
+        flops = count_flops(model, torch.zeros(1, 3, img_size, img_size))
         tokens, side = [], math.ceil(img_size / 16)
         for i in range(3):
             if i:
@@ -54,7 +53,7 @@ def model_rows(pattern: str = 'uniform_*', img_size: int = 224, attn_type: str =
         rows.append(dict(
             model=name, embed_dim=list(cfg.embed_dim), depth=list(cfg.depth), num_heads=list(cfg.num_heads),
             params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-            gmacs=round(fc.get_total_flops() / 2e9, 4), img_size=img_size, tokens_per_stage=tokens,
+            gmacs=round(flops / 2e9, 4), img_size=img_size, tokens_per_stage=tokens,
             attn_type=attn_type, top1=top1, top1_source=source))
     return rows
 

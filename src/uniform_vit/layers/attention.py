@@ -87,7 +87,7 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     map), 1.04-1.15x on the whole core at N = 3136; they then come as a fresh (T, N) tensor per tile (the op has no
     ``out=``). Channel-major keys keep MKL's ``addmm`` into the reused buffer: copying them would add N x Cq floats
     to the peak memory of the bare core, which stays below fused SDPA's."""
-    from .gemm import linear_nt, onednn_linear_available
+    from .gemm import linear_nt, onednn_linear_available, onednn_preferred
 
     B, C, N = v.shape
     if B == 0:  # nothing to attend; the buffers below are chosen from the first image
@@ -96,7 +96,7 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     qt, vt = q.transpose(1, 2), v.transpose(1, 2)  # (B, N, Cq), (B, N, C): views, BLAS takes either layout
     out = v.new_empty(B, N, C)
     softmax_out = torch.ops.aten._softmax.out
-    onednn = onednn_linear_available(q, k, v)
+    onednn = onednn_preferred() and onednn_linear_available(q, k, v)
     vbuf = v.new_empty(C, N) if onednn and not v[0].is_contiguous() else None
     # oneDNN wants the keys as an (N, Cq) weight. Token-major keys (a channels-last map) already are one; copying
     # channel-major keys would cost N x Cq floats of peak memory, so those keep MKL's addmm into the reused buffer.

@@ -6,13 +6,60 @@ thread: 1.7-2.2x the FLOP rate of ``torch.mm`` for the Reuse core's tile product
 246 vs 112 GFLOP/s for a 1024^3 product (``benchmarks/RESULTS.md``). The op is ``torch.ops.mkldnn._linear_pointwise``
 (what Inductor emits for fused linears on CPU); it cannot be recorded by ``torch.jit.trace``, so traced, scripted
 and compiled code keep ``torch.mm``.
+
+On Intel CPUs MKL runs its AVX-512 kernels and is the faster of the two for these shapes (measured on a 2-core Xeon,
+one thread: 147 vs 98 GFLOP/s for the value product, 102 vs 35 for the thin logits; ``benchmarks/RESULTS.md``), so
+the policy is per vendor: oneDNN unless the CPU is an Intel one. ``UNIFORM_VIT_GEMM=onednn|mkl`` (or
+:func:`gemm_backend`) overrides it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import platform
+from collections.abc import Iterator
 
 import torch
+
+GEMM_BACKENDS = ('auto', 'onednn', 'mkl')
+_backend = os.environ.get('UNIFORM_VIT_GEMM', 'auto')
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """'GenuineIntel', 'AuthenticAMD', ... from /proc/cpuinfo (Linux), else what :mod:`platform` says."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('vendor_id'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return 'GenuineIntel' if 'intel' in platform.processor().lower() else platform.processor()
+
+
+def onednn_preferred() -> bool:
+    """The policy: True when eager fp32 products on this CPU should go to oneDNN rather than ``torch.mm``."""
+    if _backend not in GEMM_BACKENDS:
+        raise ValueError(f"UNIFORM_VIT_GEMM={_backend!r}: choose one of {', '.join(GEMM_BACKENDS)}")
+    if _backend == 'auto':
+        return cpu_vendor() != 'GenuineIntel'
+    return _backend == 'onednn'
+
+
+@contextlib.contextmanager
+def gemm_backend(name: str) -> Iterator[None]:
+    """Force 'onednn' or 'mkl' (``torch.mm``, whatever BLAS PyTorch was built with) for the block, or 'auto'."""
+    global _backend
+    if name not in GEMM_BACKENDS:
+        raise ValueError(f"unknown GEMM backend {name!r}; choose one of {', '.join(GEMM_BACKENDS)}")
+    old, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = old
 
 
 def onednn_linear_available(*tensors: torch.Tensor) -> bool:
@@ -51,4 +98,4 @@ def linear_nt(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, w, None, 'none', [], '')
 
 
-__all__ = ['linear_nt', 'onednn_linear_available']
+__all__ = ['GEMM_BACKENDS', 'cpu_vendor', 'gemm_backend', 'linear_nt', 'onednn_linear_available', 'onednn_preferred']

@@ -52,11 +52,9 @@ def build_model(model: str, checkpoint: str | None, num_classes: int, in_chans: 
 
 
 def _flops(model: nn.Module, x: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+    from ..layers.flops import count_flops
 
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model.eval()(x)
-    return int(fc.get_total_flops())
+    return count_flops(model.eval(), x)
 
 
 def environment() -> dict:
