@@ -346,3 +346,16 @@ def test_help_renders(capsys, argv):
         main(argv)
     assert e.value.code == 0
     assert 'bench' in capsys.readouterr().out
+
+
+def test_cpuinfo_fields_come_from_the_first_processor(tmp_path):
+    from uniform_vit import hardware
+
+    info = tmp_path / 'cpuinfo'
+    info.write_text('processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n'
+                    'flags\t\t: fpu avx2 avx512f avx512_vnni\n\nprocessor\t: 1\nvendor_id\t: Other\n')
+    fields = hardware._cpuinfo(str(info))
+    assert fields['vendor_id'] == 'GenuineIntel' and fields['model name'] == 'Intel(R) Xeon(R) Processor'
+    assert set(fields['flags'].split()) == {'fpu', 'avx2', 'avx512f', 'avx512_vnni'}
+    assert hardware._cpuinfo(str(tmp_path / 'missing')) == {}  # not Linux: the callers fall back to platform data
+    assert hardware.cpu_name() and isinstance(hardware.cpu_vendor(), str)

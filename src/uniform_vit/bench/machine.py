@@ -8,17 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-
-def cpu_name() -> str:
-    """CPU model name (``lscpu``'s 'Model name' from /proc/cpuinfo), falling back to platform data."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ..hardware import cpu_name, cpu_vendor
+from ..layers.gemm import onednn_preferred
 
 
 def environment(device: str = 'cpu', threads: int | None = None) -> dict:
@@ -28,7 +19,9 @@ def environment(device: str = 'cpu', threads: int | None = None) -> dict:
     import uniform_vit
 
     env = dict(
-        cpu=cpu_name(), logical_cpus=_logical_cpus(), threads=torch.get_num_threads() if threads is None else threads,
+        cpu=cpu_name(), cpu_vendor=cpu_vendor(), reuse_gemm='onednn' if onednn_preferred() else 'torch.mm',
+        logical_cpus=_logical_cpus(),
+        threads=torch.get_num_threads() if threads is None else threads,
         device=device,
         gpu=torch.cuda.get_device_name(0) if device.startswith('cuda') and torch.cuda.is_available() else None,
         torch=torch.__version__, timm=timm.__version__, uniform_vit=uniform_vit.__version__,

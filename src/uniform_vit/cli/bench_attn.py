@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"uniform-vit bench-attn: {e['gpu'] or e['cpu']} ({e['cpu_capability']}), {args.threads} "
                       f"thread(s), torch {e['torch']}, batch {args.batch_size}, {args.rounds} interleaved rounds"
                       f"{f', each timed warm ({args.rewarm} untimed call first)' if args.rewarm else ''}, "
-                      f"matmul peak {pk['gflops']} GFLOP/s ({pk['op']} {'x'.join(map(str, pk['shape']))})")
+                      f"matmul peak {pk['gflops']} GFLOP/s ({pk['op']} {'x'.join(map(str, pk['shape']))}), "
+                      f"tiled Reuse core's products via {e['reuse_gemm']} (UNIFORM_VIT_GEMM overrides)")
         shown = []
         for r in result['rows']:
             d = dict(r)

@@ -33,17 +33,11 @@ def _environment() -> dict:
 
     import onnxruntime
 
-    cpu = platform.processor()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-        flags = next((ln for ln in Path('/proc/cpuinfo').read_text().splitlines() if ln.startswith('flags')), '')
-        vnni = 'avx512_vnni' in flags.split()
-    except OSError:
-        vnni = None
-    return dict(cpu=cpu, avx512_vnni=vnni, torch=torch.__version__, onnxruntime=onnxruntime.__version__,
+    from ..hardware import cpu_flags, cpu_name
+
+    flags = cpu_flags()
+    return dict(cpu=cpu_name(), avx512_vnni=None if flags is None else 'avx512_vnni' in flags,
+                torch=torch.__version__, onnxruntime=onnxruntime.__version__,
                 python=platform.python_version(), threads=1)
 
 

@@ -16,28 +16,15 @@ the policy is per vendor: oneDNN unless the CPU is an Intel one. ``UNIFORM_VIT_G
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import platform
 from collections.abc import Iterator
 
 import torch
 
+from ..hardware import cpu_vendor
+
 GEMM_BACKENDS = ('auto', 'onednn', 'mkl')
 _backend = os.environ.get('UNIFORM_VIT_GEMM', 'auto')
-
-
-@functools.cache
-def cpu_vendor() -> str:
-    """'GenuineIntel', 'AuthenticAMD', ... from /proc/cpuinfo (Linux), else what :mod:`platform` says."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('vendor_id'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return 'GenuineIntel' if 'intel' in platform.processor().lower() else platform.processor()
 
 
 def onednn_preferred() -> bool:

@@ -4,10 +4,8 @@ measured latency, verify, evaluate before/after a short fine-tune, and estimate 
 from __future__ import annotations
 
 import datetime
-import platform
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -58,15 +56,9 @@ def _flops(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def environment() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return dict(cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__, precision='fp32', fused=True,
+    from ..hardware import cpu_name
+
+    return dict(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__, precision='fp32', fused=True,
                 traced=True, device='cpu', date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec='seconds'))
 
