@@ -165,13 +165,14 @@ class _Hungry(torch.nn.Module):
     real allocator refuses; the FLOP count (one image, eager, no_grad) is spared so that ``limit=0`` reaches the
     timing loop's batch-1 case."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, even_to_count: bool = False):
         super().__init__()
-        self.limit, self.conv = limit, torch.nn.Conv2d(3, 4, 3)
+        self.limit, self.even_to_count, self.conv = limit, even_to_count, torch.nn.Conv2d(3, 4, 3)
         self.pretrained_cfg = {'input_size': (3, 32, 32)}
 
     def forward(self, x):
-        if x.shape[0] > self.limit and (torch.jit.is_tracing() or torch.is_inference_mode_enabled()):
+        served = torch.jit.is_tracing() or torch.is_inference_mode_enabled()
+        if x.shape[0] > self.limit and (served or self.even_to_count):
             torch.empty(x.shape[0], 2 ** 38)
         return self.conv(x).mean((2, 3))
 
@@ -186,8 +187,12 @@ def _register_hungry():
         def hungry_always(pretrained=False, **kwargs):
             return _Hungry(0)
 
+        def hungry_to_count(pretrained=False, **kwargs):
+            return _Hungry(0, even_to_count=True)
+
         register_model(hungry_above_batch_4)
         register_model(hungry_always)
+        register_model(hungry_to_count)
 
 
 def test_out_of_memory_halves_the_batch_and_pairs_compare_per_image():
@@ -200,6 +205,8 @@ def test_out_of_memory_halves_the_batch_and_pairs_compare_per_image():
     assert p.call().shape == (4, 4)
     with pytest.raises(UserError, match='out of memory even at batch 1'):
         prepare('hungry_always', s, '.')
+    with pytest.raises(UserError, match='out of memory counting the FLOPs of one 3x32x32 image'):
+        prepare('hungry_to_count', s, '.')
     # a peer timed at half the batch in half the time is exactly as fast per image
     times = {'uniform_t': [2.0, 2.0, 2.0], 'efficientvit_m0': [1.0, 1.2, 0.8]}
     (pair,) = peer_pairs(times, {'uniform_t': 16, 'efficientvit_m0': 8})

@@ -220,7 +220,13 @@ class Prepared:
 def prepare(name: str, s: BenchSettings, workdir: str) -> Prepared:
     """Build, count, fuse, wrap and warm one model, ready to be timed."""
     model, input_size = create(name, s.img_size)
-    params, flops = count_params(model), nominal_flops(model, input_size)
+    try:
+        params, flops = count_params(model), nominal_flops(model, input_size)
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise
+        raise UserError(f"{name}: out of memory counting the FLOPs of one {'x'.join(map(str, input_size))} image "
+                        "on the CPU (try a smaller --img-size)") from None
     if s.fused:
         from ..layers.fuse import reparameterize
 
