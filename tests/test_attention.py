@@ -129,7 +129,15 @@ def test_tiled_without_onednn_logits_agrees(monkeypatch, with_bias):
 
 
 @pytest.mark.parametrize('cq', [8, 32])  # the sliced keys are copied for oneDNN from Cq = 32, else MKL's addmm
-def test_tiled_with_q_and_k_sliced_from_one_map(cq):
+@pytest.mark.parametrize('backend', ['onednn', 'mkl'])  # with MKL, token-major keys are copied to (Cq, N) rows
+def test_tiled_with_q_and_k_sliced_from_one_map(cq, backend):
+    from uniform_vit.layers.gemm import gemm_backend
+
+    with gemm_backend(backend):
+        _sliced_qk_agrees(cq)
+
+
+def _sliced_qk_agrees(cq):
     # what a channels-last deploy layer passes: q and k split from one conv output, token stride 2 x Cq
     qk = torch.randn(2, 600, 2 * cq).transpose(1, 2)
     q, k = qk.split(cq, dim=1)

@@ -52,6 +52,7 @@ def create_attention(kind: str, dim: int, num_heads: int, **kwargs) -> nn.Module
 # Below TILED_MIN_N tokens the whole (B, N, N) map is small and one batched matmul wins.
 TILE_BYTES = 1 << 19
 TILED_MIN_N = 512
+MKL_KEY_COPY = True  # A/B switch for benchmarks/scripts: contiguous keys for MKL's logits (see _reuse_tiled)
 ONEDNN_LOGITS = True  # A/B switch for benchmarks/scripts: logits through oneDNN too (else MKL addmm into one buffer)
 
 
@@ -107,12 +108,17 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     logits_onednn = onednn and ONEDNN_LOGITS and _token_major(k) and (not kcopy or k.shape[1] >= 32)
     buf = None if logits_onednn else q.new_empty(min(tile, N), N)
     kbuf = k.new_empty(N, k.shape[1]) if logits_onednn and kcopy else None
+    # Where MKL is the chosen library (Intel CPUs), its addmm reads token-major keys as a transposed (Cq, N) operand,
+    # 1.45x slower than a contiguous one for the (T, Cq) @ (Cq, N) logits on a Xeon: they are copied once per image
+    # (N x Cq floats more memory; deploy layer 1.06-1.10x, benchmarks/RESULTS.md)
+    kbuf_mkl = k.new_empty(k.shape[1], N) if MKL_KEY_COPY and not onednn and _token_major(k) else None
     for b in range(B):
         vb = kw = None  # (C, N) and (N, Cq) contiguous: linear layers' (out, in) weights
         if onednn:
             vb = v[b] if vbuf is None else vbuf.copy_(v[b])
         if logits_onednn:
             kw = k[b].t() if kbuf is None else kbuf.copy_(k[b].t())
+        kb = k[b] if kbuf_mkl is None else kbuf_mkl.copy_(k[b])
         for s in range(0, N, tile):
             e = min(s + tile, N)
             if logits_onednn:
@@ -124,9 +130,9 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
             else:
                 at = buf[:e - s]
                 if bias is None:
-                    torch.addmm(at, qt[b, s:e], k[b], beta=0.0, alpha=scale, out=at)
+                    torch.addmm(at, qt[b, s:e], kb, beta=0.0, alpha=scale, out=at)
                 else:
-                    torch.addmm(bias[s:e], qt[b, s:e], k[b], alpha=scale, out=at)  # (T, N) rows of the shared map
+                    torch.addmm(bias[s:e], qt[b, s:e], kb, alpha=scale, out=at)  # (T, N) rows of the shared map
             softmax_out(at, -1, False, out=at)
             if vb is not None:
                 out[b, s:e] = linear_nt(at, vb)  # (T, C): every head in one matmul, oneDNN
