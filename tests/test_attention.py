@@ -285,6 +285,8 @@ def test_gemm_policy_follows_the_cpu_vendor_and_rejects_unknown_backends(monkeyp
     assert gemm.onednn_preferred()  # restored
     with pytest.raises(ValueError, match='unknown GEMM backend'), gemm.gemm_backend('blas'):
         pass
-    monkeypatch.setattr(gemm, '_backend', 'openblas')  # as from UNIFORM_VIT_GEMM=openblas
-    with pytest.raises(ValueError, match='UNIFORM_VIT_GEMM'):
+    from uniform_vit.errors import UserError
+
+    monkeypatch.setattr(gemm, '_backend', 'openblas')  # as from UNIFORM_VIT_GEMM=openblas: one clear CLI line
+    with pytest.raises(UserError, match='UNIFORM_VIT_GEMM'):
         gemm.onednn_preferred()

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import UserError
 from ..hardware import cpu_vendor
 
 GEMM_BACKENDS = ('auto', 'onednn', 'mkl')
@@ -29,8 +30,8 @@ _backend = os.environ.get('UNIFORM_VIT_GEMM', 'auto')
 
 def onednn_preferred() -> bool:
     """The policy: True when eager fp32 products on this CPU should go to oneDNN rather than ``torch.mm``."""
-    if _backend not in GEMM_BACKENDS:
-        raise ValueError(f"UNIFORM_VIT_GEMM={_backend!r}: choose one of {', '.join(GEMM_BACKENDS)}")
+    if _backend not in GEMM_BACKENDS:  # only the environment variable can get here
+        raise UserError(f"UNIFORM_VIT_GEMM={_backend!r}: choose one of {', '.join(GEMM_BACKENDS)}")
     if _backend == 'auto':
         return cpu_vendor() != 'GenuineIntel'
     return _backend == 'onednn'
@@ -85,4 +86,4 @@ def linear_nt(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, w, None, 'none', [], '')
 
 
-__all__ = ['GEMM_BACKENDS', 'cpu_vendor', 'gemm_backend', 'linear_nt', 'onednn_linear_available', 'onednn_preferred']
+__all__ = ['GEMM_BACKENDS', 'gemm_backend', 'linear_nt', 'onednn_linear_available', 'onednn_preferred']
