@@ -22,8 +22,9 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import uniform_vit.layers.attention as attention
 from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio
+from uniform_vit.hardware import cpu_vendor
 from uniform_vit.layers.attention import reuse_attention
-from uniform_vit.layers.gemm import cpu_vendor, gemm_backend, onednn_preferred
+from uniform_vit.layers.gemm import gemm_backend, onednn_preferred
 
 
 @contextlib.contextmanager

@@ -80,8 +80,10 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     Output rows are written token-major, (T, C) at a time, whatever the layout of ``v`` (a channel-major output would
     need a temporary and a copy per tile); the result is returned as a (B, C, N) view of (B, N, C) memory.
 
-    In eager calls the value product goes through oneDNN: 1.7-2x the rate of ``torch.mm`` on AMD CPUs (see
-    :mod:`uniform_vit.layers.gemm`). oneDNN wants the values as a contiguous (C, N) weight: a channel-major ``v``
+    In eager calls where the GEMM policy prefers oneDNN (every CPU but Intel's; :mod:`uniform_vit.layers.gemm`), the
+    value product goes through oneDNN: 1.7-2x the rate of ``torch.mm`` on AMD CPUs. On Intel CPUs every product stays
+    on ``torch.mm`` (MKL, AVX-512 there), and token-major keys are copied into contiguous (Cq, N) rows for its logits
+    (below). oneDNN wants the values as a contiguous (C, N) weight: a channel-major ``v``
     already is one; a token-major ``v`` is copied into one (C, N) buffer per image, reused across images (C x N floats
     more memory, which the doubled matmul rate repays many times over). The logits go through oneDNN too when the keys
     are token-major (a channels-last map: (N, Cq) rows, copied once per image only when they are a slice of a wider

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..layers.flops import count_flops
 from .imc_cost import attention_costs, summarize
 from .reuse import MODES, TRANSFORMS, apply_reuse, attention_layers, resolve_plan
 from .search import LatencyMeter, greedy_search, layer_similarity, loss_score, plan_score
@@ -47,12 +48,6 @@ def build_model(model: str, checkpoint: str | None, num_classes: int, in_chans: 
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot build {model}: {str(e).splitlines()[0]}") from e
     return net.eval(), {}
-
-
-def _flops(model: nn.Module, x: torch.Tensor) -> int:
-    from ..layers.flops import count_flops
-
-    return count_flops(model.eval(), x)
 
 
 def environment() -> dict:
@@ -150,7 +145,7 @@ def run_trex(model: str, budget: float, checkpoint: str | None = None, dataset: 
     reused = apply_reuse(net, search['reuse_layers'], mode, transform)
 
     one = example[:1]
-    flops_o, flops_r = _flops(net, one), _flops(reused, one)
+    flops_o, flops_r = count_flops(net.eval(), one), count_flops(reused.eval(), one)
     imc = summarize(attention_costs(net, one), attention_costs(reused, one))
     params_o = sum(p.numel() for p in net.parameters())
     params_r = sum(p.numel() for p in reused.parameters())
