@@ -106,7 +106,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert not (out / 'summary.json').exists()
     done = torch.load(out / CHECKPOINT, weights_only=True)['epoch'] + 1
     assert 1 <= done < 3
-    r = cli(*tiny_flags(out, **kw), '--resume')
+    r = cli('train', '--output', str(out), '--resume')  # the README's form: the rest comes from the checkpoint
     assert r.returncode == 0, r.stderr[-2000:]
     assert f'resuming from {out / CHECKPOINT}: epoch {done} of 3' in r.stdout
     w_ref, w_res = weights(tmp_path / 'ref' / 'model_last.safetensors'), weights(out / 'model_last.safetensors')

@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--num-classes', type=int, default=None, help='class count when there is no checkpoint')
     p.add_argument('--labels', default=None, help='class names: a text file (one per line) or a JSON list')
     p.add_argument('--top', type=int, default=5, help='how many classes to show (default 5)')
+    p.add_argument('--tta', default='none',
+                   help="test-time augmentation: 'none' (default) or 'flip' (mean of the image's and its mirror "
+                        "image's probabilities)")
     p.add_argument('--json', action='store_true', help='print JSON instead of text')
 
 
@@ -81,8 +84,10 @@ def load_image(path: str, in_chans: int):
 
 
 def predict(images: list[str], model_name: str | None = None, checkpoint: str | None = None,
-            num_classes: int | None = None, labels: str | None = None, top: int = 5) -> list[dict]:
-    """Top-k predictions per image (pure function behind the command)."""
+            num_classes: int | None = None, labels: str | None = None, top: int = 5,
+            tta: str | None = None) -> list[dict]:
+    """Top-k predictions per image (pure function behind the command); ``tta='flip'`` averages each image's and
+    its mirror image's probabilities."""
     import sys
 
     import timm
@@ -93,8 +98,10 @@ def predict(images: list[str], model_name: str | None = None, checkpoint: str | 
     from ..export.images import eval_stats
     from ..export.model import default_img_size, input_channels
     from ..utils.checkpoint import model_from_checkpoint
+    from ..utils.tta import check_tta, log_probs
     from ._common import check_model_name
 
+    tta = check_tta(tta)
     if model_name:
         check_model_name(model_name)
     ckpt = checkpoint or (bundled_checkpoint(model_name or 'uniform_t') if num_classes is None else None)
@@ -125,7 +132,7 @@ def predict(images: list[str], model_name: str | None = None, checkpoint: str | 
         if x.shape[1] != in_chans:
             raise UserError(f"image {path} gives {x.shape[1]} channels, model expects {in_chans}")
         with torch.no_grad():
-            prob = model(x).softmax(-1)[0]
+            prob = log_probs(model, x, tta).exp()[0]
         p, idx = prob.topk(k)
         out.append({'image': path, 'top': [{'class': int(i), 'label': names[i], 'prob': round(float(v), 4)}
                                            for v, i in zip(p, idx)]})
@@ -133,7 +140,7 @@ def predict(images: list[str], model_name: str | None = None, checkpoint: str | 
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = predict(args.images, args.model, args.checkpoint, args.num_classes, args.labels, args.top)
+    rows = predict(args.images, args.model, args.checkpoint, args.num_classes, args.labels, args.top, args.tta)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

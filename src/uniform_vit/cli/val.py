@@ -29,14 +29,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--workers', type=int, default=0, help='data-loader processes (default 0)')
     p.add_argument('--plot', default='confusion_matrix.png', help="confusion-matrix PNG path ('' to skip)")
     p.add_argument('--strict', action='store_true', help='stop at the first unreadable image')
+    p.add_argument('--tta', default='none',
+                   help="test-time augmentation: 'none' (default) or 'flip', which averages each image's and its "
+                        "mirror image's probabilities (2x the compute; for data the model was trained to see "
+                        "mirrored)")
     p.add_argument('--json', action='store_true', help='print JSON instead of tables')
 
 
 def validate(checkpoint: str | None = None, dataset: str | None = None, data_dir: str | None = None,
              split: str = 'val', model: str | None = None, img_size: int | None = None, batch_size: int = 256,
              samples: int | None = None, device: str = 'auto', workers: int = 0, plot: str | None = None,
-             strict: bool = False, progress: bool = True) -> dict:
-    """Evaluate; return top1/top5 (percent), loss, n, per-class accuracy and the confusion matrix (list of rows)."""
+             strict: bool = False, progress: bool = True, tta: str | None = None) -> dict:
+    """Evaluate; return top1/top5 (percent), loss, n, per-class accuracy and the confusion matrix (list of rows).
+
+    ``tta='flip'``: each image's score is the mean of its and its mirror image's probabilities.
+    """
     import time
 
     import torch
@@ -47,8 +54,10 @@ def validate(checkpoint: str | None = None, dataset: str | None = None, data_dir
     from uniform_vit.train.distributed import pick_device
     from uniform_vit.train.engine import evaluate
     from uniform_vit.utils.checkpoint import model_from_checkpoint
+    from uniform_vit.utils.tta import check_tta
     from uniform_vit.weights import default_checkpoint
 
+    tta = check_tta(tta)
     if checkpoint is None:
         checkpoint = default_checkpoint()
         if checkpoint is None:
@@ -75,19 +84,20 @@ def validate(checkpoint: str | None = None, dataset: str | None = None, data_dir
     net.to(dev)
     loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers)
     t0 = time.perf_counter()
-    res = evaluate(net, loader, num_classes, dev, progress=progress, desc=f'val {dataset}')
+    res = evaluate(net, loader, num_classes, dev, progress=progress, desc=f'val {dataset}', tta=tta)
     seconds = time.perf_counter() - t0
     conf = res['confusion']
     names = (labels or classes)[:num_classes] + [str(i) for i in range(len(labels or classes), num_classes)]
     per_class = {names[i]: round(100.0 * float(conf[i, i]) / float(conf[i].sum()), 2)
                  for i in range(num_classes) if conf[i].sum() > 0}
     out = dict(checkpoint=str(checkpoint), model=meta.get('model'), attn_type=meta.get('attn_type'),
-               dataset=dataset, split=split, img_size=size, n=res['n'], top1=round(res['top1'], 3),
+               dataset=dataset, split=split, img_size=size, tta=tta, n=res['n'], top1=round(res['top1'], 3),
                top5=round(res['top5'], 3), loss=round(res['loss'], 5), seconds=round(seconds, 2),
                img_per_s=round(res['n'] / seconds, 1), per_class_top1=per_class, labels=names,
                confusion=conf.tolist(), plot=None)
     if plot:
-        title = f"{out['model']} on {dataset} ({split}): top-1 {out['top1']:.2f} %"
+        title = (f"{out['model']} on {dataset} ({split}): top-1 {out['top1']:.2f} %"
+                 + (f" (TTA {tta})" if tta != 'none' else ''))
         out['plot'] = plot_confusion(conf, names, plot, title)
     return out
 
@@ -143,13 +153,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     res = validate(args.checkpoint, args.dataset, args.data_dir, args.split, args.model, args.img_size,
                    args.batch_size, args.samples, args.device, args.workers, args.plot or None, args.strict,
-                   progress=not args.json)
+                   progress=not args.json, tta=args.tta)
     if args.json:
         print(json.dumps(res))
         return 0
     print_table([dict(cls=k, top1=f'{v:.2f}') for k, v in res['per_class_top1'].items()],
                 [('cls', 'class'), ('top1', 'top-1 %')], title='per-class accuracy')
+    tta = f", TTA {res['tta']}" if res['tta'] != 'none' else ''
     print(f"{res['model']} ({res['attn_type']}) on {res['dataset']} {res['split']} ({res['n']} images, "
-          f"{res['img_size']} px): top-1 {res['top1']:.2f} %  top-5 {res['top5']:.2f} %  loss {res['loss']:.4f}  "
+          f"{res['img_size']} px{tta}): top-1 {res['top1']:.2f} %  top-5 {res['top5']:.2f} %  loss {res['loss']:.4f}  "
           f"[{res['img_per_s']:.0f} img/s]" + (f"  confusion matrix: {res['plot']}" if res['plot'] else ''))
     return 0

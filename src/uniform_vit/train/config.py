@@ -161,7 +161,8 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.smoothing < 1, f"smoothing must be in [0, 1), got {cfg.smoothing}"),
         (0 <= cfg.translate < 0.5, f"translate must be in [0, 0.5) (a share of the image size), got {cfg.translate}"),
         (cfg.val_every >= 1, f"val_every must be at least 1, got {cfg.val_every}"),
-        (cfg.dataset is not None or cfg.data_dir is not None, "give --dataset or --data-dir"),
+        # a resumed run takes its data from the saved config (checked again after the merge)
+        (cfg.dataset is not None or cfg.data_dir is not None or bool(cfg.resume), "give --dataset or --data-dir"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .config import TrainConfig, config_dict, config_from_dict
+from ..utils.tta import log_probs
+from .config import TrainConfig, config_dict, config_from_dict, validate
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 
 CHECKPOINT = 'checkpoint.pth'  # full training state, rewritten atomically after every epoch
@@ -178,8 +179,12 @@ def eval_loader(ds: torch.utils.data.Dataset, batch_size: int, info: DistInfo,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes: int, device: torch.device,
              dtype: torch.dtype | None = None, info: DistInfo | None = None, channels_last: bool = False,
-             progress: bool = False, desc: str = 'val') -> dict:
-    """Loss, top-1/top-5 (percent) and the confusion matrix (rows: true class, columns: predicted)."""
+             progress: bool = False, desc: str = 'val', tta: str | None = None) -> dict:
+    """Loss, top-1/top-5 (percent) and the confusion matrix (rows: true class, columns: predicted).
+
+    ``tta='flip'`` scores the average of each image's and its mirror image's class probabilities
+    (:mod:`uniform_vit.utils.tta`); the loss is then the cross-entropy of that average.
+    """
     info = info or DistInfo(device=device)
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -192,8 +197,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-            logits = model(x)
-        logits = logits.float()
+            logits = log_probs(model, x, tta)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction='sum').double().cpu()
         pred = logits.topk(k, 1).indices
         top5 += (pred == y[:, None]).any(1).sum().cpu()
@@ -339,6 +343,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         saved = config_from_dict(resumed[1]['config'])
         cfg = config_from_dict({**config_dict(saved), **{k: v for k, v in config_dict(cfg).items()
                                                           if k in _typed_keys(cfg)}})
+        validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = info.device
