@@ -179,6 +179,21 @@ def test_synthetic_is_learnable_and_unknown_name():
         create_dataset('synthetic', 'train', img_size=16)
 
 
+def test_colour_jitter_only_where_it_does_something():
+    from torchvision.transforms import ColorJitter
+
+    from uniform_vit.data.factory import build_transform
+
+    def has_jitter(in_chans, aug):
+        mean = (0.5,) * in_chans
+        return any(isinstance(t, ColorJitter) for t in build_transform(32, in_chans, True, mean, mean, aug).transforms)
+
+    assert has_jitter(3, dict(color_jitter=0.4)) and has_jitter(3, None)  # timm's default 0.4 stays
+    assert not has_jitter(3, dict(color_jitter=0.0))  # a jitter of 0 is a costly no-op: left out
+    assert not has_jitter(3, dict(color_jitter=(0.0, 0.0, 0.0)))
+    assert not has_jitter(1, dict(color_jitter=0.4))  # hue/saturation mean nothing on one channel
+
+
 def test_translate_shifts_the_image_by_up_to_the_padding():
     from uniform_vit.data.factory import build_transform
 
