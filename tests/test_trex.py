@@ -35,10 +35,6 @@ def tiny_uniform(attn_type: str = 'reuse') -> nn.Module:
     return randomize_bn(timm.create_model('uniform_t', num_classes=10, in_chans=1, attn_type=attn_type)).eval()
 
 
-def flops(model: nn.Module, x: torch.Tensor) -> int:
-    return count_flops(model, x)  # flop_counter, plus the CPU flash-attention formula some torch releases lack
-
-
 X_VIT = (2, 1, 32, 32)
 X_UNI = (2, 1, 64, 64)
 
@@ -66,7 +62,7 @@ def test_vit_reuse_layer_has_no_qk_and_saves_the_expected_flops():
     B = X_VIT[0]
     # per reusing layer: the q and k projections (2 x N x C x C MACs) and q k^T (N x N x C MACs); 2 FLOPs per MAC
     expected = 2 * B * 2 * (2 * N * C * C + N * N * C)
-    assert flops(m, x) - flops(r, x) == expected
+    assert count_flops(m, x) - count_flops(r, x) == expected
 
 
 @pytest.mark.parametrize('attn_type', ['reuse', 'mha'])
@@ -98,7 +94,7 @@ def test_uniform_reuse_layer_has_no_qk_and_saves_the_expected_flops(attn_type):
         expected_params += sum(p.numel() for d in dropped for p in d.parameters())
         expected_flops += 2 * B * macs
     assert sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in r.parameters()) == expected_params
-    assert flops(m, x) - flops(r, x) == expected_flops
+    assert count_flops(m, x) - count_flops(r, x) == expected_flops
 
 
 def _attn_io(model: nn.Module, names: list[str], x: torch.Tensor) -> dict:

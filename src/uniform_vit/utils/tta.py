@@ -8,6 +8,8 @@ for. Shifted or scaled views are not offered: on Fashion-MNIST adding four 4-pix
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -34,5 +36,5 @@ def log_probs(model: nn.Module, x: torch.Tensor, mode: str | None = None) -> tor
     out = model(x).float().log_softmax(-1)
     if mode == 'flip':
         mirrored = model(x.flip(-1)).float().log_softmax(-1)
-        out = torch.logaddexp(out, mirrored) - torch.log(torch.tensor(2.0, device=out.device))
+        out = torch.logaddexp(out, mirrored) - math.log(2.0)
     return out
