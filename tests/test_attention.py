@@ -224,6 +224,52 @@ def test_same_conv_crops_only_taps_that_see_padding(hw, groups):
     assert torch.allclose(conv(x), ref, atol=1e-6)
 
 
+def test_pointwise_conv_is_one_onednn_matmul_on_channels_last_maps():
+    from uniform_vit.layers import conv as conv_mod
+    from uniform_vit.layers.conv import PointwiseConv2d, aten_only, make_conv
+    from uniform_vit.layers.flops import count_flops
+
+    assert type(make_conv(24, 40, 1, groups=2)) is torch.nn.Conv2d
+    assert type(make_conv(24, 40, 1, stride=2)) is torch.nn.Conv2d
+    for bias in (True, False):
+        conv = make_conv(24, 40, 1, bias=bias)
+        assert isinstance(conv, PointwiseConv2d)
+        x = torch.randn(3, 24, 5, 7).contiguous(memory_format=torch.channels_last)
+        ref = F.conv2d(x, conv.weight, conv.bias)
+        with torch.no_grad(), _OpLog() as log:
+            y = conv(x)
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        if conv_mod._HAS_ONEDNN_LINEAR:
+            assert 'mkldnn._linear_pointwise' in log.ops and 'aten.convolution' not in log.ops
+        with torch.no_grad(), _OpLog() as log:  # NCHW maps, and anything else, run the plain conv
+            assert torch.allclose(conv(x.contiguous()), ref, rtol=1e-5, atol=1e-5)
+        assert 'aten.convolution' in log.ops
+        with torch.no_grad():
+            assert count_flops(conv, x) == count_flops(torch.nn.Conv2d(24, 40, 1), x) == 2 * 3 * 5 * 7 * 24 * 40
+
+    # with gradients it is an ordinary conv: backward works and matches
+    x.requires_grad_(True)
+    conv(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    F.conv2d(x2, conv.weight).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+    # a trace keeps the oneDNN op (through TorchScript) and stays valid at other batch sizes; aten_only() keeps
+    # it out of graphs meant for other machines
+    x = x.detach()
+    with torch.no_grad():
+        traced = torch.jit.trace(conv, x, check_trace=False)
+        with aten_only():
+            portable = torch.jit.trace(conv, x, check_trace=False)
+        x5 = torch.randn(5, 24, 5, 7).contiguous(memory_format=torch.channels_last)
+        for t in (traced, portable):
+            assert torch.allclose(t(x5), F.conv2d(x5, conv.weight), rtol=1e-5, atol=1e-5)
+    assert ('mkldnn::_linear_pointwise' in str(traced.inlined_graph)) == conv_mod._HAS_ONEDNN_LINEAR
+    assert 'mkldnn::' not in str(portable.inlined_graph) and 'aten::_convolution' in str(portable.inlined_graph)
+    assert conv_mod.ONEDNN_POINTWISE  # restored after the block
+
+
 def test_onednn_linear_matches_mm_and_stays_out_of_traces():
     from uniform_vit.layers.gemm import linear_nt, onednn_linear_available
 

@@ -1,4 +1,4 @@
-"""Whole-model A/B of candidate changes to UniForm's deploy form that did not pay (session 6), kept so the
+"""Whole-model A/B of candidate changes to UniForm's deploy form (session 6's did not pay), kept so the
 measurement can be repeated when PyTorch or oneDNN change.
 
     python benchmarks/scripts/deploy_variants.py --model uniform_t --rounds 15
@@ -15,6 +15,8 @@ floor of the run); every copy carries the same weights, and the script checks th
 * ``stem-nchw-conv1``: the stem's first conv on the NCHW image (oneDNN's first-layer path), its 8-channel output
   then turned channels-last, instead of turning the 3-channel image channels-last first.
 * ``stem-one-transpose``: the image turned channels-last once for the whole batch, then split in two.
+* ``conv1x1``: every 1x1 conv through ``conv2d`` (the deploy form before session 10) instead of
+  :class:`~uniform_vit.layers.conv.PointwiseConv2d`'s oneDNN matmul.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn as nn
 
 import uniform_vit  # noqa: F401  (registers uniform_*)
 from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio
-from uniform_vit.layers.conv import FFN, Residual
+from uniform_vit.layers.conv import FFN, PointwiseConv2d, Residual
 from uniform_vit.layers.fuse import reparameterize
 from uniform_vit.models.uniform import DeployStem, PatchMerging, _to_channels_last
 
@@ -109,12 +111,16 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         stem.forward = types.MethodType(_stem_nchw_conv1, stem)
     elif variant == 'stem-one-transpose':
         stem.forward = types.MethodType(_stem_one_transpose, stem)
+    elif variant == 'conv1x1':
+        for m in model.modules():
+            if isinstance(m, PointwiseConv2d):
+                m.forward = types.MethodType(nn.Conv2d.forward, m)
     else:
         raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
     return model
 
 
-VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'stem-one-transpose')
+VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'stem-one-transpose', 'conv1x1')
 
 
 def main() -> None:

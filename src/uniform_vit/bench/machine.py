@@ -51,8 +51,9 @@ def matmul_peak_fn(shape: tuple[int, int, int], device: str | torch.device = 'cp
                    dtype: torch.dtype = torch.float32, op: str = 'mm',
                    repeat: int = 1) -> tuple[Callable[[], object], float]:
     """(fn, flops): ``repeat`` (m, k) @ (k, n) products, as ``torch.mm`` into a preallocated output,
-    (``op='conv1x1'``) as a 1x1 convolution of channels-last maps with m pixels in all, which is how the pointwise
-    convs reach oneDNN, or (``op='onednn'``) through oneDNN's matmul. ``repeat`` makes one call long enough
+    (``op='conv1x1'``) as a 1x1 convolution of channels-last maps with m pixels in all, which is how the peers'
+    pointwise convs reach oneDNN, or (``op='onednn'``) through oneDNN's matmul, which is how UniForm's deploy form
+    runs its own (:class:`~uniform_vit.layers.conv.PointwiseConv2d`). ``repeat`` makes one call long enough
     (~10 ms) to time reliably inside the rounds."""
     m, k, n = shape
     if op == 'conv1x1':

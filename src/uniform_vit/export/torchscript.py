@@ -16,16 +16,19 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..layers.conv import aten_only
 from .onnx import _atomic_target, check_output_path
 
 
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int] = (3, 224, 224)) -> Path:
-    """Trace ``model`` (fused, eval) at ``input_size`` (C, H, W) and save it. Any batch size runs; H, W are fixed."""
+    """Trace ``model`` (fused, eval) at ``input_size`` (C, H, W) and save it. Any batch size runs; H, W are fixed.
+    The graph holds standard ATen ops only (:func:`~uniform_vit.layers.conv.aten_only`: 1x1 convs as convs, not
+    oneDNN matmuls), so LibTorch and PyTorch Mobile builds without oneDNN load it."""
     path = check_output_path(path)
     if model.training:
         raise ValueError("export_torchscript needs a model in eval mode")
     example = torch.randn(2, *input_size)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), aten_only():
         warnings.simplefilter('ignore')  # deprecation and "tensor to bool" tracer warnings (H, W are constant)
         try:
             traced = torch.jit.trace(model, example, check_trace=False)

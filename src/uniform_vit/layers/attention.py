@@ -280,10 +280,10 @@ class ReuseAttentionDeploy(nn.Module):
                  impl: str = 'auto'):
         super().__init__()
         self.dim, self.qk_dim, self.scale, self.impl = dim, qk_dim, scale, impl
-        self.qk = nn.Conv2d(dim, 2 * qk_dim, 1)
+        self.qk = make_conv(dim, 2 * qk_dim, 1)
         self.q_dw = make_conv(qk_dim, qk_dim, q_kernel, padding=q_kernel // 2, groups=qk_dim)
         self.v_conv = make_conv(dim, dim, v_kernel, padding=v_kernel // 2, groups=dim)
-        self.proj = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(dim, dim, 1))  # in place: on the fresh matmul out
+        self.proj = nn.Sequential(nn.ReLU(inplace=True), make_conv(dim, dim, 1))  # in place: on the fresh matmul out
         self.rel_bias = RelPosBias(window_size, tables=1)
 
     @classmethod

@@ -7,11 +7,16 @@ so a whole network turns into its deploy form in one call; see :func:`uniform_vi
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
+from . import gemm  # noqa: F401  (registers the FLOP formula of oneDNN's linear op, used below)
 from .fuse import fuse_children
 
 
@@ -44,11 +49,84 @@ class SameConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+ONEDNN_POINTWISE = True  # A/B switch (benchmarks/scripts) and what :func:`aten_only` turns off
+
+
+@contextlib.contextmanager
+def aten_only() -> Iterator[None]:
+    """Within the block, :class:`PointwiseConv2d` runs as a plain ``conv2d``: for graphs recorded to run on other
+    machines (a TorchScript file for LibTorch or PyTorch Mobile, whose builds may lack the oneDNN op)."""
+    global ONEDNN_POINTWISE
+    old, ONEDNN_POINTWISE = ONEDNN_POINTWISE, False
+    try:
+        yield
+    finally:
+        ONEDNN_POINTWISE = old
+
+
+def _pointwise_onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """1x1 conv of a channels-last (B, C, H, W) ``x`` with an (O, C) ``w`` as ONE oneDNN matmul over its B*H*W tokens
+    (channels-last memory is a (B*H*W, C) matrix); channels-last output."""
+    B, C, H, W = x.shape
+    y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1).reshape(B * H * W, C), w, b, 'none', [], '')
+    return y.view(B, H, W, w.shape[0]).permute(0, 3, 1, 2)
+
+
+_scripted: list[Callable] = []
+
+
+def _pointwise_traceable() -> Callable:
+    """:func:`_pointwise_onednn` compiled by TorchScript (once): ``torch.jit.trace`` cannot record the op's
+    ``Scalar?[]`` argument from Python, but records a call to a scripted function that builds it, so a traced
+    model (the bench's paper method) keeps the oneDNN matmul."""
+    if not _scripted:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script's deprecation notice
+            _scripted.append(torch.jit.script(_pointwise_onednn))
+    return _scripted[0]
+
+
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """1x1 conv (stride 1, no padding, one group) that runs as one oneDNN matmul on channels-last CPU maps.
+
+    PyTorch's ``conv2d`` reaches oneDNN too, but each call pays for a convolution primitive and its weight reorder:
+    at UniForm's sizes (B*H*W = 256-3136 tokens, 64-512 channels, batch 16) ``torch.ops.mkldnn._linear_pointwise``
+    ran the same product in 5-20 % less time, and the fused, traced uniform_t 1.10x faster (one thread, this
+    project's Zen 5; ``benchmarks/RESULTS.md``). The oneDNN path is taken for float32 CPU maps in channels-last
+    memory when no gradient is needed, outside ``torch.compile``/``torch.export``/ONNX export and
+    :func:`aten_only` (those get the plain conv, so exported graphs hold standard ops); anything else runs
+    ``conv2d``. Same weights, state-dict keys and outputs (up to float rounding) either way."""
+
+    def __init__(self, in_chs: int, out_chs: int, bias: bool = True, **kwargs):
+        super().__init__(in_chs, out_chs, 1, bias=bias, **kwargs)
+
+    def _onednn_ok(self, x: torch.Tensor) -> bool:
+        return (ONEDNN_POINTWISE and _HAS_ONEDNN_LINEAR and x.device.type == 'cpu' and x.dim() == 4
+                and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.is_contiguous(memory_format=torch.channels_last)
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
+                and not torch.is_autocast_enabled('cpu'))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._onednn_ok(x):
+            fn = _pointwise_traceable() if torch.jit.is_tracing() else _pointwise_onednn
+            return fn(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
+        return super().forward(x)
+
+
 def make_conv(in_chs: int, out_chs: int, kernel_size: int | tuple, stride: int | tuple = 1, padding: int | tuple = 0,
               groups: int = 1, bias: bool = True, **kwargs) -> nn.Conv2d:
-    """nn.Conv2d, or :class:`SameConv2d` for stride-1 odd kernels with 'same' padding (identical outputs)."""
+    """nn.Conv2d, or :class:`SameConv2d` for stride-1 odd kernels with 'same' padding, or :class:`PointwiseConv2d`
+    for plain 1x1 convs (identical outputs)."""
     k = nn.modules.utils._pair(kernel_size)
-    same = nn.modules.utils._pair(stride) == (1, 1) and nn.modules.utils._pair(padding) == (k[0] // 2, k[1] // 2) \
+    unit = nn.modules.utils._pair(stride) == (1, 1)
+    if k == (1, 1) and unit and nn.modules.utils._pair(padding) == (0, 0) and groups == 1:
+        return PointwiseConv2d(in_chs, out_chs, bias=bias, **kwargs)
+    same = unit and nn.modules.utils._pair(padding) == (k[0] // 2, k[1] // 2) \
         and k[0] % 2 == 1 and k[1] % 2 == 1 and max(k) > 1
     cls = SameConv2d if same else nn.Conv2d
     return cls(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias, **kwargs)
