@@ -535,6 +535,11 @@ def plot_top1_vs_throughput(result: dict, path: str) -> None:
             ax.plot([rb['img_per_s'], ra['img_per_s']], [rb['top1'], ra['top1']], color='grey', lw=0.8, ls='--')
     e, s = result['environment'], result['settings']
     ax.set_xscale('log')
+    # plain numbers on the log axis (matplotlib's own minor labels, 3x10^1 4x10^1 ..., run into each other)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f'{v:g}' if f'{v:e}'[0] in '25' else ''))
     ax.set_xlabel(f"measured throughput (img/s, batch {s['batch_size']}, {s['threads']} thread(s), {s['backend']})")
     ax.set_ylabel('published ImageNet-1K top-1 (%)')
     ax.set_title(f"{e['gpu'] or e['cpu']}, torch {e['torch']}", fontsize=9)
