@@ -240,7 +240,7 @@ def test_pointwise_conv_is_one_onednn_matmul_on_channels_last_maps():
             y = conv(x)
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
         assert y.is_contiguous(memory_format=torch.channels_last)
-        if conv_mod._HAS_ONEDNN_LINEAR:
+        if conv_mod.HAS_ONEDNN_LINEAR:
             assert 'mkldnn._linear_pointwise' in log.ops and 'aten.convolution' not in log.ops
         with torch.no_grad(), _OpLog() as log:  # NCHW maps, and anything else, run the plain conv
             assert torch.allclose(conv(x.contiguous()), ref, rtol=1e-5, atol=1e-5)
@@ -265,7 +265,7 @@ def test_pointwise_conv_is_one_onednn_matmul_on_channels_last_maps():
         x5 = torch.randn(5, 24, 5, 7).contiguous(memory_format=torch.channels_last)
         for t in (traced, portable):
             assert torch.allclose(t(x5), F.conv2d(x5, conv.weight), rtol=1e-5, atol=1e-5)
-    assert ('mkldnn::_linear_pointwise' in str(traced.inlined_graph)) == conv_mod._HAS_ONEDNN_LINEAR
+    assert ('mkldnn::_linear_pointwise' in str(traced.inlined_graph)) == conv_mod.HAS_ONEDNN_LINEAR
     assert 'mkldnn::' not in str(portable.inlined_graph) and 'aten::_convolution' in str(portable.inlined_graph)
     assert conv_mod.ONEDNN_POINTWISE  # restored after the block
 

@@ -8,6 +8,7 @@ so a whole network turns into its deploy form in one call; see :func:`uniform_vi
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -16,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-from . import gemm  # noqa: F401  (registers the FLOP formula of oneDNN's linear op, used below)
 from .fuse import fuse_children
+from .gemm import HAS_ONEDNN_LINEAR  # importing gemm also registers the FLOP formula of oneDNN's linear op
 
 
 def _fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm):
@@ -72,30 +73,24 @@ def _pointwise_onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) 
     return y.view(B, H, W, w.shape[0]).permute(0, 3, 1, 2)
 
 
-_scripted: list[Callable] = []
-
-
+@functools.cache
 def _pointwise_traceable() -> Callable:
     """:func:`_pointwise_onednn` compiled by TorchScript (once): ``torch.jit.trace`` cannot record the op's
     ``Scalar?[]`` argument from Python, but records a call to a scripted function that builds it, so a traced
     model (the bench's paper method) keeps the oneDNN matmul."""
-    if not _scripted:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script's deprecation notice
-            _scripted.append(torch.jit.script(_pointwise_onednn))
-    return _scripted[0]
-
-
-_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script's deprecation notice
+        return torch.jit.script(_pointwise_onednn)
 
 
 class PointwiseConv2d(nn.Conv2d):
     """1x1 conv (stride 1, no padding, one group) that runs as one oneDNN matmul on channels-last CPU maps.
 
     PyTorch's ``conv2d`` reaches oneDNN too, but each call pays for a convolution primitive and its weight reorder:
-    at UniForm's sizes (B*H*W = 256-3136 tokens, 64-512 channels, batch 16) ``torch.ops.mkldnn._linear_pointwise``
-    ran the same product in 5-20 % less time, and the fused, traced uniform_t 1.10x faster (one thread, this
-    project's Zen 5; ``benchmarks/RESULTS.md``). The oneDNN path is taken for float32 CPU maps in channels-last
+    at UniForm's sizes (B*H*W = 256-3136 tokens, 64-960 channels, batch 16) ``torch.ops.mkldnn._linear_pointwise``
+    ran the same product in up to 20 % less time (most on the small late-stage maps; 14x14 maps tie), and the
+    fused, traced uniform_t 1.09-1.10x faster (one thread, this project's Zen 5; ``benchmarks/RESULTS.md``).
+    The oneDNN path is taken for float32 CPU maps in channels-last
     memory when no gradient is needed, outside ``torch.compile``/``torch.export``/ONNX export and
     :func:`aten_only` (those get the plain conv, so exported graphs hold standard ops); anything else runs
     ``conv2d``. Same weights, state-dict keys and outputs (up to float rounding) either way."""
@@ -104,7 +99,7 @@ class PointwiseConv2d(nn.Conv2d):
         super().__init__(in_chs, out_chs, 1, bias=bias, **kwargs)
 
     def _onednn_ok(self, x: torch.Tensor) -> bool:
-        return (ONEDNN_POINTWISE and _HAS_ONEDNN_LINEAR and x.device.type == 'cpu' and x.dim() == 4
+        return (ONEDNN_POINTWISE and HAS_ONEDNN_LINEAR and x.device.type == 'cpu' and x.dim() == 4
                 and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and x.is_contiguous(memory_format=torch.channels_last)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))

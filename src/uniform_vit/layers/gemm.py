@@ -50,9 +50,13 @@ def gemm_backend(name: str) -> Iterator[None]:
         _backend = old
 
 
+# this PyTorch build has oneDNN's linear op
+HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+
 def onednn_linear_available(*tensors: torch.Tensor) -> bool:
     """True when :func:`linear_nt` may take the oneDNN path for these fp32 CPU tensors, in eager mode."""
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, '_linear_pointwise'):
+    if not HAS_ONEDNN_LINEAR:
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False
