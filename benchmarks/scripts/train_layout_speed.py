@@ -7,7 +7,8 @@ The choice behind `uniform-vit train`'s channels-last default on CPUs. Both layo
 weights and run in one process, interleaved round by round (uniform_vit.bench.harness): one AdamW step on a fixed
 batch per call. The ratio columns are medians of per-round ratios. ``--compile`` adds a candidate: channels-last
 under ``torch.compile`` (what ``uniform-vit train --compile`` runs; compiled before timing). ``--bf16`` adds
-channels-last under CPU bf16 autocast (why ``uniform-vit train`` uses no AMP on CPUs).
+channels-last under CPU bf16 autocast (why ``uniform-vit train`` uses no AMP on CPUs). glibc's malloc is tuned
+first, as ``uniform-vit train`` does (uniform_vit.utils.malloc; ``UNIFORM_VIT_MALLOC=default`` to compare without).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 import uniform_vit  # noqa: F401
 from uniform_vit.bench.harness import interleaved_timing, median, spread
+from uniform_vit.utils.malloc import allocator_label, tune_allocator
 
 
 def main() -> None:
@@ -35,13 +37,15 @@ def main() -> None:
     p.add_argument('--compile', action='store_true', help='also time channels-last + torch.compile')
     p.add_argument('--bf16', action='store_true', help='also time channels-last + bf16 autocast')
     args = p.parse_args()
+    tune_allocator()
     warnings.filterwarnings('ignore')
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, args.in_chans, args.img_size, args.img_size)
     y = torch.randint(0, args.num_classes, (args.batch_size,))
     print(f'{args.img_size} px, batch {args.batch_size}, in_chans {args.in_chans}, {args.threads} threads, '
-          f'torch {torch.__version__}, {args.rounds} interleaved rounds, one AdamW step per call')
+          f'torch {torch.__version__}, malloc {allocator_label()}, {args.rounds} interleaved rounds, '
+          'one AdamW step per call')
     extras = ['compiled'] * args.compile + ['bf16'] * args.bf16
     print('| model | NCHW img/s | channels-last img/s | channels-last / NCHW (spread) |'
           + ''.join(f' {k} img/s | {k} / NCHW |' for k in extras))

@@ -10,6 +10,7 @@ import torch
 
 from ..hardware import cpu_name, cpu_vendor
 from ..layers.gemm import onednn_preferred
+from ..utils.malloc import allocator_label
 
 
 def environment(device: str = 'cpu', threads: int | None = None) -> dict:
@@ -26,6 +27,7 @@ def environment(device: str = 'cpu', threads: int | None = None) -> dict:
         gpu=torch.cuda.get_device_name(0) if device.startswith('cuda') and torch.cuda.is_available() else None,
         torch=torch.__version__, timm=timm.__version__, uniform_vit=uniform_vit.__version__,
         python=platform.python_version(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        malloc=allocator_label(),
         date=time.strftime('%Y-%m-%d %H:%M:%S %Z'),
     )
     return env

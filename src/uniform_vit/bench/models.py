@@ -315,6 +315,9 @@ def run_bench_repeated(s: BenchSettings, progress: Callable[[str, int, int], Non
 
 
 def _run_in_child(settings: dict) -> dict:
+    from ..utils.malloc import tune_allocator
+
+    tune_allocator()  # as the parent CLI process did (the environment, hence any opt-out, is inherited)
     warnings.filterwarnings('ignore')
     return run_bench(BenchSettings(**{**settings, 'repeat': 1}))
 
@@ -445,7 +448,7 @@ def banner(result: dict) -> str:
     dev = e['gpu'] or e['cpu']
     prec = 'AMP fp16' if s['amp'] else 'fp32'
     return (f"uniform-vit bench: {dev} ({e['cpu_capability']}), {s['threads']} thread(s) of {e['logical_cpus']}, "
-            f"torch {e['torch']}, timm {e['timm']}\n"
+            f"torch {e['torch']}, timm {e['timm']}, malloc {e.get('malloc', 'default')}\n"
             f"  set '{s['model_set']}' ({len(s['models'])} models), "
             f"backend {s['backend']}{'-int8' if s['int8'] else ''}"
             f", {'fused deploy form' if s['fused'] else 'UNFUSED'}, {prec}, batch {s['batch_size']}"

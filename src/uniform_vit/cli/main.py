@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from uniform_vit.errors import UserError
+    from uniform_vit.utils.malloc import tune_allocator
 
+    tune_allocator()  # before any model or batch exists: keeps freed tensors' pages (utils/malloc.py)
     try:
         return int(args._run(args) or 0)
     except UserError as e:

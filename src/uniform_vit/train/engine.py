@@ -319,8 +319,12 @@ def train(cfg: TrainConfig, model: nn.Module | None = None) -> dict:
     """Train (or fine-tune) and return the summary written to ``<output>/summary.json``.
 
     ``model``: an already built network (e.g. a converted one) to train instead of ``timm.create_model(cfg.model)``;
-    its classifier is reset when the class count differs from the dataset's.
+    its classifier is reset when the class count differs from the dataset's. Raises glibc's malloc thresholds for
+    this process first (:func:`uniform_vit.utils.malloc.tune_allocator`; ``UNIFORM_VIT_MALLOC=default`` keeps them).
     """
+    from ..utils.malloc import tune_allocator
+
+    tune_allocator()
     info = init_distributed(cfg.device)
     try:
         return _train(cfg, model, info)
@@ -576,10 +580,12 @@ def _typed_keys(cfg: TrainConfig) -> set[str]:
 
 def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: int, total_batch: int, lr: float,
             in_chans: int, dtype: torch.dtype | None, workers: int) -> None:
+    from ..utils.malloc import allocator_label
+
     dev = torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else f'CPU x{torch.get_num_threads()}'
     print(f"uniform-vit train | torch {torch.__version__} | {dev} | processes {info.world_size} | "
           f"amp {str(dtype).replace('torch.', '') if dtype else 'off'} | loader workers {workers}"
-          f"{' | torch.compile' if cfg.compile else ''}", flush=True)
+          f"{' | torch.compile' if cfg.compile else ''} | malloc {allocator_label()}", flush=True)
     kind = f"{cfg.attn_type}, " if cfg.model.startswith('uniform_') else ''  # attn_type only applies to UniForm
     print(f"{cfg.model} ({kind}{params / 1e6:.2f} M params, in_chans {in_chans}) | "
           f"{cfg.dataset or cfg.data_dir}: {n_train} train / {n_val} val at {cfg.img_size} px | recipe {cfg.recipe} | "

@@ -1,1 +1,1 @@
-"""Shared helpers: checkpoints (checkpoint.py)."""
+"""Shared helpers: checkpoints (checkpoint.py), test-time augmentation (tta.py), glibc malloc tuning (malloc.py)."""
