@@ -3,16 +3,16 @@
 PyTorch's CPU allocator takes each tensor from ``malloc``. glibc serves large requests with fresh ``mmap`` pages
 and gives free memory at the top of the heap back to the kernel (``M_TRIM_THRESHOLD``, 128 KiB at start, at most
 64 MiB once it adapts). A training step frees tens of MB of activations at its end and allocates them again in the
-next step, so every step faults the same pages in again: about 10,000-13,500 minor page faults per uniform_t step at
-batch 128, 112 px, which made the stem's first layers (12.8 MB maps) 100x slower than the same operators on warm
+next step, so every step faults the same pages in again: about 10,000-35,000 minor page faults per uniform_t step at
+batch 128, 112 px; the ReLU on the stem's first 12.8 MB map took 14.9 ms instead of the 0.13 ms it takes on warm
 memory (profiled in session 11; benchmarks/RESULTS.md, "Allocator").
 
 :func:`tune_allocator` raises both thresholds with ``mallopt`` so that freed memory stays in the process: the
 heap keeps up to ``trim_threshold`` bytes of free memory and requests below ``mmap_threshold`` (at most 32 MiB,
 glibc's cap) come from the heap. The cost is memory the process keeps after a peak instead of returning it.
 The ``uniform-vit`` commands call it once at start; ``UNIFORM_VIT_MALLOC=default`` turns it off, and glibc's own
-``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` variables, when set, win. Elsewhere than glibc (macOS,
-Windows, musl, or jemalloc/tcmalloc preloaded) it does nothing.
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES``, when set, win. Elsewhere than glibc
+(macOS, Windows, musl, or jemalloc/tcmalloc/mimalloc preloaded) it does nothing.
 """
 
 from __future__ import annotations
