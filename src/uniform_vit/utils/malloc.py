@@ -12,7 +12,8 @@ heap keeps up to ``trim_threshold`` bytes of free memory and requests below ``mm
 glibc's cap) come from the heap. The cost is memory the process keeps after a peak instead of returning it.
 The ``uniform-vit`` commands call it once at start; ``UNIFORM_VIT_MALLOC=default`` turns it off, and glibc's own
 ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_`` or ``GLIBC_TUNABLES``, when set, win. Elsewhere than glibc
-(macOS, Windows, musl, or jemalloc/tcmalloc/mimalloc preloaded) it does nothing.
+(macOS, Windows, musl, or jemalloc/tcmalloc/mimalloc preloaded) it does nothing. Preloading tcmalloc measured a
+few percent faster still (docs/training.md); a running process cannot switch to it, so it stays the user's choice.
 """
 
 from __future__ import annotations
@@ -35,9 +36,20 @@ def allocator_state() -> dict[str, int] | None:
     return None if _applied is None else dict(_applied)
 
 
+_OTHER_ALLOCATORS = ('tcmalloc', 'jemalloc', 'mimalloc')
+
+
+def _preloaded() -> str | None:
+    """The allocator that LD_PRELOAD names ('tcmalloc', 'jemalloc', 'mimalloc'), if any."""
+    preload = os.environ.get('LD_PRELOAD', '')
+    return next((lib for lib in _OTHER_ALLOCATORS if lib in preload), None)
+
+
 def allocator_label() -> str:
-    """'tuned' or 'default', for banners and result files."""
-    return 'tuned' if _applied is not None else 'default'
+    """'tuned', 'default', or the preloaded allocator ('tcmalloc', ...), for banners and result files."""
+    if _applied is not None:
+        return 'tuned'
+    return _preloaded() or 'default'
 
 
 def _skip_reason() -> str | None:
@@ -48,9 +60,8 @@ def _skip_reason() -> str | None:
     for var in _GLIBC_ENV:
         if var in os.environ:
             return f'{var} is set'
-    preload = os.environ.get('LD_PRELOAD', '')
-    if any(lib in preload for lib in ('jemalloc', 'tcmalloc', 'mimalloc')):
-        return 'another allocator is preloaded'
+    if _preloaded():
+        return f'{_preloaded()} is preloaded'
     return None
 
 
