@@ -52,16 +52,21 @@ def allocator_label() -> str:
     return _preloaded() or 'default'
 
 
+def on_glibc() -> bool:
+    """True on Linux with glibc, the only C library whose mallopt this module sets."""
+    return platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
+
+
 def _skip_reason() -> str | None:
     if os.environ.get(ENV_SWITCH, '').strip().lower() in ('default', 'off', '0', 'no'):
         return f'{ENV_SWITCH}={os.environ[ENV_SWITCH]}'
-    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+    if not on_glibc():
         return 'not glibc'
     for var in _GLIBC_ENV:
         if var in os.environ:
             return f'{var} is set'
-    if _preloaded():
-        return f'{_preloaded()} is preloaded'
+    if other := _preloaded():
+        return f'{other} is preloaded'
     return None
 
 
@@ -93,4 +98,4 @@ def tune_allocator(trim_threshold: int = 1 << 30, mmap_threshold: int = MMAP_THR
     return True
 
 
-__all__ = ['allocator_label', 'allocator_state', 'tune_allocator']
+__all__ = ['allocator_label', 'allocator_state', 'on_glibc', 'tune_allocator']
