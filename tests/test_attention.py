@@ -147,6 +147,22 @@ def _sliced_qk_agrees(cq):
     assert torch.allclose(reuse_attention(q, k, v, bias, 0.3, 'tiled'), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize('n', [600, 2048])
+def test_tiled_output_is_channel_major_only_for_aliasing_channel_major_values(n):
+    # with torch.mm (the policy on Intel CPUs), channel-major values with rows a multiple of 4 KiB apart (N = 2048)
+    # get a channel-major output, written as (C, T) column blocks; every other case keeps token-major rows
+    from uniform_vit.layers.gemm import gemm_backend
+
+    q, k, v = torch.randn(2, 8, n), torch.randn(2, 8, n), torch.randn(2, 32, n)
+    bias = torch.randn(n, n)
+    with gemm_backend('mkl'):
+        out = reuse_attention(q, k, v, bias, 0.3, 'tiled')
+        tm = reuse_attention(*(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)), bias, 0.3, 'tiled')
+    ref = reuse_attention(q, k, v, bias, 0.3, 'eager')
+    assert out.is_contiguous() == (n == 2048) and not tm.is_contiguous()  # token-major values: token-major output
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(tm, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize('impl', ['eager', 'tiled', 'sdpa'])
 @pytest.mark.parametrize('token_major', [False, True])
 def test_core_empty_batch(impl, token_major):

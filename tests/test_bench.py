@@ -250,6 +250,35 @@ def test_compile_backend_freezes_weights_on_cpu(tmp_path):
     assert inductor_config.freezing is False
 
 
+def test_onnxruntime_backend_fp32_and_int8(tmp_path):
+    # `bench --backend onnxruntime [--int8]` (README): the exported deploy form runs in onnxruntime, matches PyTorch
+    # in fp32, is really quantized with --int8, and both are timed and labelled as such
+    pytest.importorskip('onnxruntime')
+    import onnx
+
+    from uniform_vit.bench.models import banner, create, make_runner
+    from uniform_vit.layers.fuse import reparameterize
+
+    model, _ = create('uniform_t', 64)
+    model = reparameterize(model).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expect = model(x)
+    for int8 in (False, True):
+        s = BenchSettings(models=['uniform_t'], backend='onnxruntime', int8=int8, img_size=64, batch_size=2)
+        runner = make_runner(model, 'onnxruntime', x, s, str(tmp_path))
+        ops = {n.op_type for n in onnx.load(str(runner.path)).graph.node}
+        assert ('QuantizeLinear' in ops) == int8 and runner.path.name.endswith('.int8.onnx') == int8
+        if not int8:
+            assert torch.allclose(runner(x), expect, atol=1e-4, rtol=1e-4)
+        result = run_bench(BenchSettings(models=['uniform_t'], backend='onnxruntime', int8=int8, img_size=64,
+                                         batch_size=2, rounds=1, warmup=0, latency_rounds=1))
+        (row,) = result['rows']
+        assert row['backend'] == ('onnxruntime-int8' if int8 else 'onnxruntime')
+        assert row['img_per_s'] > 0 and row['latency_b1_ms'] > 0 and row['peak_mem_mb'] is None  # not torch memory
+        assert ('int8 (% of the fp32 peak)' in banner(result)) == int8
+
+
 def _fake_run(t_a: float, t_b: float, ratio: float, peak: float) -> dict:
     def row(name, sec):
         return dict(model=name, img_per_s=16 / sec, ms_per_batch=sec * 1e3, gflops=1.0 / sec, frac_of_peak=0.1 / sec,

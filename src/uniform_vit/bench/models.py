@@ -446,7 +446,8 @@ ROW_FIELDS = ('model', 'params_m', 'gmacs', 'img_size', 'batch_size', 'img_per_s
 def banner(result: dict) -> str:
     e, s, pk = result['environment'], result['settings'], result['peak']
     dev = e['gpu'] or e['cpu']
-    prec = 'AMP fp16' if s['amp'] else 'fp32'
+    # int8: onnxruntime's QDQ graph; its GFLOP/s and % peak stay nominal FLOPs against the fp32 matmul probe
+    prec = 'AMP fp16' if s['amp'] else 'int8 (% of the fp32 peak)' if s['int8'] else 'fp32'
     return (f"uniform-vit bench: {dev} ({e['cpu_capability']}), {s['threads']} thread(s) of {e['logical_cpus']}, "
             f"torch {e['torch']}, timm {e['timm']}, malloc {e.get('malloc', 'default')}\n"
             f"  set '{s['model_set']}' ({len(s['models'])} models), "

@@ -54,6 +54,8 @@ TILE_BYTES = 1 << 19
 TILED_MIN_N = 512
 MKL_KEY_COPY = True  # A/B switch for benchmarks/scripts: contiguous keys for MKL's logits (see _reuse_tiled)
 ONEDNN_LOGITS = True  # A/B switch for benchmarks/scripts: logits through oneDNN too (else MKL addmm into one buffer)
+CHANNEL_OUT = None  # A/B switch for benchmarks/scripts: channel-major output for channel-major values on torch.mm
+# (None: the rule in _reuse_tiled; True / False: always / never)
 
 
 def query_tile(n: int, itemsize: int = 4) -> int:
@@ -77,8 +79,12 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     each row before writing it; the tests compare with 'eager'), instead of the (B, N, N) map. Same arithmetic per
     element as 'eager', so the same numbers up to float rounding.
 
-    Output rows are written token-major, (T, C) at a time, whatever the layout of ``v`` (a channel-major output would
-    need a temporary and a copy per tile); the result is returned as a (B, C, N) view of (B, N, C) memory.
+    Output rows are written token-major, (T, C) at a time (``at @ v^T``), and returned as a (B, C, N) view of
+    (B, N, C) memory, with one exception: channel-major values on ``torch.mm`` (MKL, the policy on Intel CPUs) whose
+    rows lie a multiple of 4 KiB apart, from N = 2048 (N = 2048, 4096, ...). There the token-major product's
+    transposed read of the values hits cache-set aliasing (1.2-1.45x slower at N = 4096 on an Intel Xeon), so the
+    output is channel-major instead, (C, T) column blocks ``v @ at^T`` written in place. Elsewhere that form lost
+    (0.90-0.98x at C = 64, N = 1024-3136; benchmarks/RESULTS.md, session 13), so the rule is that narrow.
 
     In eager calls where the GEMM policy prefers oneDNN (every CPU but Intel's; :mod:`uniform_vit.layers.gemm`), the
     value product goes through oneDNN: 1.7-2x the rate of ``torch.mm`` on AMD CPUs. On Intel CPUs every product stays
@@ -97,9 +103,12 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
         return v.new_empty(B, N, C).transpose(1, 2)
     tile = tile or query_tile(N, q.element_size())
     qt, vt = q.transpose(1, 2), v.transpose(1, 2)  # (B, N, Cq), (B, N, C): views, BLAS takes either layout
-    out = v.new_empty(B, N, C)
     softmax_out = torch.ops.aten._softmax.out
     onednn = onednn_preferred() and onednn_linear_available(q, k, v)
+    # channel-major values whose rows are a multiple of 4 KiB apart, from N = 2048 (below, the other way round won)
+    channel_out = not onednn and not _token_major(v) and (
+        N >= 2048 and v.stride(1) % 1024 == 0 if CHANNEL_OUT is None else CHANNEL_OUT)
+    out = v.new_empty(B, C, N) if channel_out else v.new_empty(B, N, C)
     vbuf = v.new_empty(C, N) if onednn and not v[0].is_contiguous() else None
     # oneDNN wants the keys as an (N, Cq) weight. Token-major keys (a channels-last map) already are one; copying
     # channel-major keys would cost N x Cq floats of peak memory, so those keep MKL's addmm into the reused buffer.
@@ -138,10 +147,12 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
             softmax_out(at, -1, False, out=at)
             if vb is not None:
                 out[b, s:e] = linear_nt(at, vb)  # (T, C): every head in one matmul, oneDNN
+            elif channel_out:
+                torch.mm(v[b], at.t(), out=out[b, :, s:e])  # (C, T): every head in one matmul
             else:
                 torch.mm(at, vt[b], out=out[b, s:e])  # (T, C): every head in one matmul
             del at  # free this tile's logits before the next tile allocates its own
-    return out.transpose(1, 2)
+    return out if channel_out else out.transpose(1, 2)
 
 
 def reuse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
@@ -150,7 +161,8 @@ def reuse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
 
     q, k: (B, Cq, N); v: (B, C, N); bias: (N, N) or None. Returns (B, C, N). 'eager' lays it out like ``v`` (a
     token-major view, i.e. a flattened channels-last map, gives a token-major result, so channels-last networks never
-    transpose); 'tiled' always returns a token-major view. ``.view(B, C, H, W)`` works on either.
+    transpose); 'tiled' returns a token-major view but in one case (see ``_reuse_tiled``). ``.view(B, C, H, W)``
+    works on either.
 
     ``impl='eager'`` materialises the (B, N, N) map; ``'tiled'`` walks tiles of queries so only a (T, N) slice of
     the map exists at a time (same numbers, much faster and smaller at large N on CPU); ``'sdpa'`` hands the same
