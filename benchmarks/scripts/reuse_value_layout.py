@@ -64,5 +64,6 @@ def measure(n: int, c: int, rounds: int, g: torch.Generator) -> None:
     print(f"N {n:5d} C {c:3d}: {cells}  sdpa {median(t['sdpa_mha']) * 1e3:.2f} ms; channel-major vs token-major out "
           f"{paired_ratio(t['channel-major out'], t['token-major out (before)']):.3f}x", flush=True)
 
+
 if __name__ == '__main__':
     main()
