@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import uniform_vit  # noqa: F401  (registers the models)
 
@@ -25,3 +26,15 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         if 'attention_biases' in name:
             p.data.normal_(0, 1, generator=g)
     return model
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every ATen (or custom) op that runs inside ``with OpLog() as log:`` in ``log.ops``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

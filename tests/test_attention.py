@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import randomize_bn
+from conftest import OpLog, randomize_bn
 from uniform_vit.layers.attention import (
     MultiHeadAttention,
     ReuseAttention,
@@ -90,14 +89,28 @@ def test_shared_map_is_one_per_window_not_per_head():
     assert not any('v_proj' in n for n, _ in m.named_parameters())  # no value projection
 
 
+@pytest.fixture(autouse=True)
+def aten_core(monkeypatch):
+    """The tiled core's ATen path by default in this file, where the GEMM libraries, buffers and layouts of that path
+    are tested; ``aten_core(False)`` lets a test use the C++ core (cpu_kernels) where it is built."""
+    import uniform_vit.layers.attention as attention
+
+    monkeypatch.setattr(attention, 'CPU_KERNEL', False)
+    return lambda on: monkeypatch.setattr(attention, 'CPU_KERNEL', not on)
+
+
 @pytest.mark.parametrize('impl', ['sdpa', 'tiled', 'auto'])
 @pytest.mark.parametrize('n', [49, 600])  # 600 >= TILED_MIN_N: 'auto' takes the tiled path, tiles do not divide N
 @pytest.mark.parametrize('token_major', [False, True])  # q, k, v as flattened channels-last maps (oneDNN logits)
 @pytest.mark.parametrize('with_bias', [True, False])
-@pytest.mark.parametrize('backend', ['onednn', 'mkl'])  # the GEMM policy picks one per CPU vendor: test both
-def test_core_impls_agree_with_eager(impl, n, token_major, with_bias, backend):
+@pytest.mark.parametrize('backend', ['onednn', 'mkl', 'kernel'])  # the GEMM policy picks a library per CPU vendor;
+def test_core_impls_agree_with_eager(impl, n, token_major, with_bias, backend, aten_core):  # 'kernel': the C++ core
     from uniform_vit.layers.gemm import gemm_backend
 
+    if backend == 'kernel':
+        aten_core(False)
+        _core_agrees_with_eager(impl, n, token_major, with_bias)
+        return
     with gemm_backend(backend):
         _core_agrees_with_eager(impl, n, token_major, with_bias)
 
@@ -252,13 +265,13 @@ def test_pointwise_conv_is_one_onednn_matmul_on_channels_last_maps():
         assert isinstance(conv, PointwiseConv2d)
         x = torch.randn(3, 24, 5, 7).contiguous(memory_format=torch.channels_last)
         ref = F.conv2d(x, conv.weight, conv.bias)
-        with torch.no_grad(), _OpLog() as log:
+        with torch.no_grad(), OpLog() as log:
             y = conv(x)
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
         assert y.is_contiguous(memory_format=torch.channels_last)
         if conv_mod.HAS_ONEDNN_LINEAR:
             assert 'mkldnn._linear_pointwise' in log.ops and 'aten.convolution' not in log.ops
-        with torch.no_grad(), _OpLog() as log:  # NCHW maps, and anything else, run the plain conv
+        with torch.no_grad(), OpLog() as log:  # NCHW maps, and anything else, run the plain conv
             assert torch.allclose(conv(x.contiguous()), ref, rtol=1e-5, atol=1e-5)
         assert 'aten.convolution' in log.ops
         with torch.no_grad():
@@ -304,16 +317,6 @@ def test_onednn_linear_matches_mm_and_stays_out_of_traces():
     assert seen == [False]  # jit.trace cannot record the oneDNN op, so traced code keeps torch.mm
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('token_major', [False, True])
 def test_gemm_backend_decides_which_library_runs_the_tiled_core(token_major):
     from uniform_vit.layers.gemm import gemm_backend, onednn_linear_available
@@ -325,7 +328,7 @@ def test_gemm_backend_decides_which_library_runs_the_tiled_core(token_major):
         q, k, v = torch.randn(1, 8, n), torch.randn(1, 8, n), torch.randn(1, 32, n)
     seen = {}
     for backend in ('onednn', 'mkl'):
-        with gemm_backend(backend), torch.no_grad(), _OpLog() as log:
+        with gemm_backend(backend), torch.no_grad(), OpLog() as log:
             reuse_attention(q, k, v, None, 0.3, 'tiled')
         seen[backend] = log.ops.count('mkldnn._linear_pointwise')
     assert seen['mkl'] == 0  # every product through torch.mm / addmm

@@ -7,7 +7,8 @@ The choice behind `uniform-vit train`'s channels-last default on CPUs. Both layo
 weights and run in one process, interleaved round by round (uniform_vit.bench.harness): one AdamW step on a fixed
 batch per call. The ratio columns are medians of per-round ratios. ``--compile`` adds a candidate: channels-last
 under ``torch.compile`` (what ``uniform-vit train --compile`` runs; compiled before timing). ``--bf16`` adds
-channels-last under CPU bf16 autocast (why ``uniform-vit train`` uses no AMP on CPUs). glibc's malloc is tuned
+channels-last under CPU bf16 autocast (why ``uniform-vit train`` uses no AMP on CPUs); both flags together add a
+fourth, compiled under bf16 autocast (``train --compile --amp bf16``). glibc's malloc is tuned
 first, as ``uniform-vit train`` does (uniform_vit.utils.malloc; ``UNIFORM_VIT_MALLOC=default`` to compare without).
 """
 
@@ -46,7 +47,7 @@ def main() -> None:
     print(f'{args.img_size} px, batch {args.batch_size}, in_chans {args.in_chans}, {args.threads} threads, '
           f'torch {torch.__version__}, malloc {allocator_label()}, {args.rounds} interleaved rounds, '
           'one AdamW step per call')
-    extras = ['compiled'] * args.compile + ['bf16'] * args.bf16
+    extras = ['compiled'] * args.compile + ['bf16'] * args.bf16 + ['compiled-bf16'] * (args.compile and args.bf16)
     print('| model | NCHW img/s | channels-last img/s | channels-last / NCHW (spread) |'
           + ''.join(f' {k} img/s | {k} / NCHW |' for k in extras))
     print('|---|---|---|---|' + '---|---|' * len(extras))
@@ -61,16 +62,17 @@ def main() -> None:
                 xb = x.contiguous(memory_format=torch.channels_last)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-            fwd = torch.compile(model) if layout == 'compiled' else model
+            compiled, bf16 = layout.startswith('compiled'), layout.endswith('bf16')
+            fwd = torch.compile(model) if compiled else model
 
-            def step(fwd=fwd, opt=opt, xb=xb, bf16=layout == 'bf16'):
+            def step(fwd=fwd, opt=opt, xb=xb, bf16=bf16):
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
                     loss = torch.nn.functional.cross_entropy(fwd(xb), y)
                 loss.backward()
                 opt.step()
 
-            if layout == 'compiled':
+            if compiled:
                 step()  # compile outside the timed rounds
 
             fns[layout] = step

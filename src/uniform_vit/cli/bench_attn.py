@@ -81,11 +81,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         e, pk = result['environment'], result['peak']
+        kernel = e.get('reuse_kernel', 'off (not on CPU)')
+        core = 'C++ kernel' if kernel == 'on' else f"C++ kernel {kernel}, products via {e['reuse_gemm']}"
         console.print(f"uniform-vit bench-attn: {e['gpu'] or e['cpu']} ({e['cpu_capability']}), {args.threads} "
                       f"thread(s), torch {e['torch']}, batch {args.batch_size}, {args.rounds} interleaved rounds"
                       f"{f', each timed warm ({args.rewarm} untimed call first)' if args.rewarm else ''}, "
                       f"matmul peak {pk['gflops']} GFLOP/s ({pk['op']} {'x'.join(map(str, pk['shape']))}), "
-                      f"tiled Reuse core's products via {e['reuse_gemm']} (UNIFORM_VIT_GEMM overrides)")
+                      f"tiled Reuse core: {core} (UNIFORM_VIT_CPU_KERNELS=0, UNIFORM_VIT_GEMM override)")
         shown = []
         for r in result['rows']:
             d = dict(r)

@@ -54,6 +54,7 @@ TILE_BYTES = 1 << 19
 TILED_MIN_N = 512
 MKL_KEY_COPY = True  # A/B switch for benchmarks/scripts: contiguous keys for MKL's logits (see _reuse_tiled)
 ONEDNN_LOGITS = True  # A/B switch for benchmarks/scripts: logits through oneDNN too (else MKL addmm into one buffer)
+CPU_KERNEL = True  # A/B switch for benchmarks/scripts: the C++ core (cpu_kernels) where it is built
 CHANNEL_OUT = None  # A/B switch for benchmarks/scripts: channel-major output for channel-major values on torch.mm
 # (None: the rule in _reuse_tiled; True / False: always / never)
 
@@ -79,6 +80,12 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     each row before writing it; the tests compare with 'eager'), instead of the (B, N, N) map. Same arithmetic per
     element as 'eager', so the same numbers up to float rounding.
 
+    Where the C++ kernel of :mod:`uniform_vit.layers.cpu_kernels` is built (CPUs with AVX-512; float32 inputs in
+    any layout), it does all of this in one op: tiles of 32 queries, register-blocked products fused with the
+    softmax, nothing copied, instead of one BLAS call per tile and product, each repacking its whole operands;
+    1.1-1.9x the loop below and less peak memory (benchmarks/RESULTS.md, section 1, session 14). Its output layout
+    follows ``v``, as eager's does. The rest of this docstring is the ATen path, used everywhere else.
+
     Output rows are written token-major, (T, C) at a time (``at @ v^T``), and returned as a (B, C, N) view of
     (B, N, C) memory, with one exception: channel-major values on ``torch.mm`` (MKL, the policy on Intel CPUs) whose
     rows lie a multiple of 4 KiB apart, from N = 2048 (N = 2048, 4096, ...). There the token-major product's
@@ -96,11 +103,17 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     map), 1.04-1.15x on the whole core at N = 3136; they then come as a fresh (T, N) tensor per tile (the op has no
     ``out=``). Channel-major keys keep MKL's ``addmm`` into the reused buffer: copying them would add N x Cq floats
     to the peak memory of the bare core, which stays below fused SDPA's."""
+    from .cpu_kernels import reuse_core
     from .gemm import linear_nt, onednn_linear_available, onednn_preferred
 
     B, C, N = v.shape
     if B == 0:  # nothing to attend; the buffers below are chosen from the first image
         return v.new_empty(B, N, C).transpose(1, 2)
+    if tile is None and CPU_KERNEL and v.device.type == 'cpu' and q.dtype == k.dtype == v.dtype == torch.float32:
+        kernel = reuse_core()  # None where it is not built; an explicit tile size asks for the ATen path
+        if kernel is not None:
+            out = kernel(q, k, v, bias, scale)
+            return out.transpose(1, 2) if _token_major(v) else out
     tile = tile or query_tile(N, q.element_size())
     qt, vt = q.transpose(1, 2), v.transpose(1, 2)  # (B, N, Cq), (B, N, C): views, BLAS takes either layout
     softmax_out = torch.ops.aten._softmax.out
