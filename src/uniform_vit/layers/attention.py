@@ -83,7 +83,7 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     Where the C++ kernel of :mod:`uniform_vit.layers.cpu_kernels` is built (CPUs with AVX-512; float32 inputs in
     any layout), it does all of this in one op: tiles of 32 queries, register-blocked products fused with the
     softmax, nothing copied, instead of one BLAS call per tile and product, each repacking its whole operands;
-    1.1-1.9x the loop below and less peak memory (benchmarks/RESULTS.md, section 1, session 14). Its output layout
+    1.0-1.8x the loop below and less peak memory (benchmarks/RESULTS.md, section 1, session 14). Its output layout
     follows ``v``, as eager's does. The rest of this docstring is the ATen path, used everywhere else.
 
     Output rows are written token-major, (T, C) at a time (``at @ v^T``), and returned as a (B, C, N) view of
