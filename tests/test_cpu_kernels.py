@@ -81,6 +81,19 @@ def test_kernel_threads_give_the_same_numbers(kernel):
 
 
 @needs_kernel
+def test_kernel_runs_tiles_on_every_thread(kernel):
+    # built without OpenMP, at::parallel_for would run every tile on the calling thread
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.uniform_vit.parallel_width(64) == 2
+        torch.set_num_threads(1)
+        assert torch.ops.uniform_vit.parallel_width(64) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
 def test_kernel_masked_rows_give_nan_like_softmax(kernel):
     # a query whose bias is -inf for every key has no distribution: ATen's softmax gives NaN, so must the kernel
     g = torch.Generator().manual_seed(1)

@@ -4,8 +4,9 @@ without a bias, and multi-head fused SDPA for scale. The arms are forced through
 
     python benchmarks/scripts/reuse_cpu_kernel.py --tokens 784,3136 --channels 64,128,256 --rounds 7
 
-One thread, batch 1, 4 heads, Cq = C / 4, interleaved rounds with one untimed call before each timed one (the
-harness of ``uniform-vit bench-attn``); prints ms, paired speed-ups and the peak memory of each arm.
+One thread (``--threads``), batch 1, 4 heads, Cq = C / 4, interleaved rounds with one untimed call before each
+timed one (the harness of ``uniform-vit bench-attn``); prints ms, paired speed-ups and the peak memory of each arm
+(the profiler's count; with more threads it may miss the other threads' slices of the map).
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ def main() -> None:
     ap.add_argument('--channels', default='64,128,256')
     ap.add_argument('--rounds', type=int, default=7)
     ap.add_argument('--bias', action='store_true', help='with an (N, N) bias, as a whole-map layer has')
+    ap.add_argument('--threads', type=int, default=1)
     args = ap.parse_args()
     tune_allocator()  # as the CLI does
-    torch.set_num_threads(1)
-    print(f'C++ kernel: {status()}; torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, 1 thread, '
+    torch.set_num_threads(args.threads)
+    print(f'C++ kernel: {status()}; torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, '
+          f'{args.threads} thread(s), '
           f'bias {args.bias}', flush=True)
     g = torch.Generator().manual_seed(0)
     for n in map(int, args.tokens.split(',')):

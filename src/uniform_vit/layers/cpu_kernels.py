@@ -56,8 +56,11 @@ def _load() -> bool:
         logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
         from torch.utils.cpp_extension import load
 
+        # OpenMP as ATen's own parallel_for uses it (without it the tiles of at::parallel_for run on one thread);
+        # the library links libgomp.so.1, the one torch has loaded already
         load(name=f'uniform_vit_reuse_core_{isa.lower()}', sources=[str(SOURCE)],
-             extra_cflags=['-O3', *_ISA_FLAGS[isa]], is_python_module=False, verbose=False)
+             extra_cflags=['-O3', '-fopenmp', *_ISA_FLAGS[isa]], extra_ldflags=['-fopenmp'], is_python_module=False,
+             verbose=False)
         _loaded = hasattr(torch.ops.uniform_vit, 'reuse_core')
         _reason = '' if _loaded else 'the built library registered no reuse_core'
         if _loaded:

@@ -26,6 +26,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -278,10 +280,21 @@ at::Tensor reuse_core(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return out;
 }
 
+// How many threads at::parallel_for really uses here for `tasks` tasks (the tests check that the library was built
+// with OpenMP: without it every tile runs on the calling thread).
+int64_t parallel_width(int64_t tasks) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen |= uint64_t{1} << (at::get_thread_num() % 64); });
+  return __builtin_popcountll(seen.load());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(uniform_vit, m) {
   m.def("reuse_core(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> Tensor");
+  m.def("parallel_width(int tasks) -> int");
 }
 
 TORCH_LIBRARY_IMPL(uniform_vit, CPU, m) { m.impl("reuse_core", &reuse_core); }
+
+TORCH_LIBRARY_IMPL(uniform_vit, CompositeExplicitAutograd, m) { m.impl("parallel_width", &parallel_width); }
