@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import uniform_vit.layers.attention as attention
 from conftest import OpLog, randomize_bn
 from uniform_vit.layers.attention import (
     MultiHeadAttention,
@@ -90,25 +91,23 @@ def test_shared_map_is_one_per_window_not_per_head():
 
 
 @pytest.fixture(autouse=True)
-def aten_core(monkeypatch):
-    """The tiled core's ATen path by default in this file, where the GEMM libraries, buffers and layouts of that path
-    are tested; ``aten_core(False)`` lets a test use the C++ core (cpu_kernels) where it is built."""
-    import uniform_vit.layers.attention as attention
-
+def _aten_core(monkeypatch):
+    """The tiled core's ATen path in this file, where the GEMM libraries, buffers and layouts of that path are
+    tested; a test sets ``attention.CPU_KERNEL`` back to True to use the C++ core (tests/test_cpu_kernels.py)."""
     monkeypatch.setattr(attention, 'CPU_KERNEL', False)
-    return lambda on: monkeypatch.setattr(attention, 'CPU_KERNEL', not on)
 
 
 @pytest.mark.parametrize('impl', ['sdpa', 'tiled', 'auto'])
 @pytest.mark.parametrize('n', [49, 600])  # 600 >= TILED_MIN_N: 'auto' takes the tiled path, tiles do not divide N
 @pytest.mark.parametrize('token_major', [False, True])  # q, k, v as flattened channels-last maps (oneDNN logits)
 @pytest.mark.parametrize('with_bias', [True, False])
-@pytest.mark.parametrize('backend', ['onednn', 'mkl', 'kernel'])  # the GEMM policy picks a library per CPU vendor;
-def test_core_impls_agree_with_eager(impl, n, token_major, with_bias, backend, aten_core):  # 'kernel': the C++ core
+# the GEMM policy picks a library per CPU vendor: test both; 'kernel': the C++ core where it is built
+@pytest.mark.parametrize('backend', ['onednn', 'mkl', 'kernel'])
+def test_core_impls_agree_with_eager(impl, n, token_major, with_bias, backend, monkeypatch):
     from uniform_vit.layers.gemm import gemm_backend
 
     if backend == 'kernel':
-        aten_core(False)
+        monkeypatch.setattr(attention, 'CPU_KERNEL', True)
         _core_agrees_with_eager(impl, n, token_major, with_bias)
         return
     with gemm_backend(backend):
@@ -130,8 +129,6 @@ def _core_agrees_with_eager(impl, n, token_major, with_bias):
 @pytest.mark.parametrize('with_bias', [True, False])
 def test_tiled_without_onednn_logits_agrees(monkeypatch, with_bias):
     # the fallback for inputs oneDNN does not take (float64, other devices): MKL addmm into one reused buffer
-    import uniform_vit.layers.attention as attention
-
     q, k, v = (torch.randn(2, 600, c).transpose(1, 2) for c in (8, 8, 32))  # token-major: oneDNN would take it
     bias = torch.randn(600, 600) if with_bias else None
     ref = reuse_attention(q, k, v, bias, 0.3, 'eager')
