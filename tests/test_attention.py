@@ -333,15 +333,19 @@ def test_gemm_backend_decides_which_library_runs_the_tiled_core(token_major):
         assert seen['onednn'] >= math.ceil(n / 128)  # at least one value product per tile
 
 
-def test_gemm_policy_follows_the_cpu_vendor_and_rejects_unknown_backends(monkeypatch):
+def test_gemm_policy_follows_the_cpu_vendor_and_isa_and_rejects_unknown_backends(monkeypatch):
     import uniform_vit.layers.gemm as gemm
 
     assert isinstance(gemm.cpu_vendor(), str)  # this machine's, e.g. 'GenuineIntel' or 'AuthenticAMD'
     monkeypatch.setattr(gemm, '_backend', 'auto')
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
     monkeypatch.setattr(gemm, 'cpu_vendor', lambda: 'GenuineIntel')
     assert not gemm.onednn_preferred()  # MKL runs AVX-512 on Intel CPUs
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
     monkeypatch.setattr(gemm, 'cpu_vendor', lambda: 'AuthenticAMD')
-    assert gemm.onednn_preferred()
+    assert not gemm.onednn_preferred()  # both libraries run AVX2 code there, and MKL's is faster (Zen 3)
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
+    assert gemm.onednn_preferred()  # Zen 4/5: oneDNN runs AVX-512, MKL only AVX2
     with gemm.gemm_backend('mkl'):
         assert not gemm.onednn_preferred()
     assert gemm.onednn_preferred()  # restored

@@ -121,6 +121,22 @@ def test_matmul_peak_probe():
         matmul_peak_fn((2, 2, 2), op='fft')
 
 
+def test_matmul_peak_picks_the_best_median_not_one_lucky_burst():
+    # bursts take turns (A, B, A, B, A, B); each burst is one call, its length set by the fake clock. A has one lucky
+    # burst (10x B's rate) and two slow ones; B is steady. The median picks B and reports B's median rate.
+    a, b = (8, 8, 8), (16, 16, 16)
+    fa, fb = 2.0 * 8 ** 3, 2.0 * 16 ** 3
+    lengths = [fa / (10 * fb), 1.0, 10.0, 1.0, 10.0, 1.0]  # seconds per burst: A's rates fb*10, fa/10, fa/10; B's fb
+    times, now = [], 0.0
+    for dt in lengths:
+        times += [now, now + dt]
+        now += dt
+    ticks = iter(times)
+    op, shape, rate = calibrate_matmul_peak(seconds=1e-9, tries=3, shapes=(a, b), ops=('mm',),
+                                            clock=lambda: next(ticks))
+    assert (op, shape) == ('mm', b) and rate == pytest.approx(fb)
+
+
 def test_nominal_flops_count_fused_attention_on_every_torch_version():
     # some torch releases have no formula for the CPU flash-attention op and count zero (DeiT-Tiny 1.07 GMACs, not 1.25)
     class Attn(torch.nn.Module):

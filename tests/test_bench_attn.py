@@ -145,3 +145,20 @@ def test_cli_writes_json_csv_plot(tmp_path, capsys, monkeypatch):
                  '--rounds', '1', '--warmup', '0', '--json', '-']) == 0
     assert json.loads(capsys.readouterr().out)['rows'][0]['mechanism'] == 'core_mha_sdpa'
     assert not (tmp_path / '-').exists()  # '-' is stdout, not a file
+
+
+def test_dtype_is_recorded_and_scales_the_bytes():
+    from uniform_vit.bench.attn import resolve_dtype
+
+    assert resolve_dtype('auto', 'cuda') == 'fp16' and resolve_dtype('auto', 'cuda:1') == 'fp16'
+    assert resolve_dtype('auto', 'cpu') == 'fp32' and resolve_dtype('bf16', 'cpu') == 'bf16'
+    with pytest.raises(UserError, match="unknown dtype 'fp8'"):
+        resolve_dtype('fp8', 'cpu')
+    names = ['core_reuse_tiled', 'core_mha_sdpa']
+    result = run_attn_bench(names, tokens=[49], channels=[32], heads=[4], rounds=1, warmup=0, dtype='bf16')
+    assert result['settings']['dtype'] == 'bf16' and result['peak']['dtype'] == 'bf16'
+    for r in result['rows']:  # 2-byte elements: half the fp32 traffic, twice the arithmetic intensity
+        assert r['bytes'] == MECHANISMS[r['mechanism']].bytes(1, 49, 32, 4) / 2
+    fp32 = run_attn_bench(names, tokens=[49], channels=[32], heads=[4], rounds=1, warmup=0)
+    assert fp32['settings']['dtype'] == 'fp32'
+    assert [r['bytes'] for r in fp32['rows']] == [2 * r['bytes'] for r in result['rows']]

@@ -9,9 +9,9 @@ Two families, each behind :class:`Mechanism`:
   flash kernel), explicit multi-head, and the Reuse core (eager, query-tiled, single-head SDPA).
 
 Analytic FLOPs follow ``torch.utils.flop_counter``'s convention (2 per multiply-accumulate of matmuls and convs;
-softmax, norms and activations are not counted). Analytic bytes are the implementation's compulsory fp32 traffic:
-inputs, weights and outputs once, plus every intermediate it materialises in memory written once and read once
-(a query tile that lives in cache is not counted). Arithmetic intensity = FLOPs / bytes.
+softmax, norms and activations are not counted). Analytic bytes are the implementation's compulsory traffic in the
+run's dtype: inputs, weights and outputs once, plus every intermediate it materialises in memory written once and
+read once (a query tile that lives in cache is not counted). Arithmetic intensity = FLOPs / bytes.
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ MECHANISMS: dict[str, Mechanism] = {m.name: m for m in [
     Mechanism('core_reuse_sdpa', 'core', 'core: Reuse as single-head SDPA (C-wide value)',
               lambda C, h, H, W: CoreInputs(_reuse_core('sdpa'), _reuse_qkv), reuse_core_flops,
               lambda B, N, C, h: _bytes(1.5 * B * N * C, 0, B * N * C, 0), needs_divisible=4),
-    Mechanism('core_reuse_tiled', 'core', 'core: Reuse, query-tiled (fast path)',
+    Mechanism('core_reuse_tiled', 'core', 'core: Reuse, query-tiled (fast path: C++ on AVX-512, Triton on CUDA)',
               lambda C, h, H, W: CoreInputs(_reuse_core('tiled'), _reuse_qkv), reuse_core_flops,
               lambda B, N, C, h: _bytes(1.5 * B * N * C, 0, B * N * C, 0), needs_divisible=4),
     Mechanism('core_reuse_tiled_tm', 'core', "core: Reuse, query-tiled, token-major q/k/v (the deploy layer's)",
@@ -343,12 +343,28 @@ def check_config(names: list[str], tokens: list[int], channels: list[int], heads
 
 # ---- the sweep ----------------------------------------------------------------------------------------------------
 
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> fp16 on CUDA (the paper's GPU precision, and the only one PyTorch's flash attention runs in), fp32
+    elsewhere; anything else must be a key of DTYPES."""
+    if dtype == 'auto':
+        return 'fp16' if device.startswith('cuda') else 'fp32'
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return dtype
+
+
 def run_attn_bench(names: list[str], tokens: list[int], channels: list[int], heads: list[int], batch: int = 1,
                    rounds: int = 5, warmup: int = 1, threads: int = 1, device: str = 'cpu',
-                   progress: Callable[[str, int, int], None] | None = None, rewarm: int = 1) -> dict:
+                   progress: Callable[[str, int, int], None] | None = None, rewarm: int = 1,
+                   dtype: str = 'fp32') -> dict:
     """Time every mechanism at every (C, h, N); mechanisms of one configuration are interleaved round by round,
     with the matmul-peak probe as one more candidate; each timed call follows ``rewarm`` untimed calls of the same
-    mechanism (harness.interleaved_timing). Returns {'environment', 'settings', 'peak', 'rows'}."""
+    mechanism (harness.interleaved_timing). Inputs and modules in ``dtype`` ('fp32', 'fp16', 'bf16' or 'auto'), the
+    peak probe too; analytic bytes count that dtype's element size. Returns {'environment', 'settings', 'peak',
+    'rows', 'skipped'}."""
     from .harness import interleaved_timing, median, paired_ratio, spread
     from .machine import calibrate_matmul_peak, environment, matmul_peak_fn, peak_memory_bytes
     from .models import quiet
@@ -358,6 +374,9 @@ def run_attn_bench(names: list[str], tokens: list[int], channels: list[int], hea
         raise UserError("need rounds >= 1, warmup >= 0 and rewarm >= 0")
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError("--device cuda requested but torch sees no CUDA device")
+    dtype = resolve_dtype(dtype, device)
+    dt = DTYPES[dtype]
+    scale_bytes = torch.empty((), dtype=dt).element_size() / F32
     progress = progress or (lambda *_: None)
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -368,23 +387,27 @@ def run_attn_bench(names: list[str], tokens: list[int], channels: list[int], hea
 
             progress('C++ Reuse core kernel', 0, 1)
             env['reuse_kernel'] = status()
+        else:  # CUDA: the Triton kernel of the fused Reuse core
+            from ..layers.gpu_kernels import status as gpu_status
+
+            env['reuse_kernel'] = gpu_status(device)
         progress('calibrating matmul peak', 0, 1)
-        peak_op, peak_shape, rate = calibrate_matmul_peak(device)
+        peak_op, peak_shape, rate = calibrate_matmul_peak(device, dt)
         repeat = max(1, round(0.01 * rate / (2.0 * math.prod(peak_shape))))  # ~10 ms per probe call
-        peak_fn, peak_flops = matmul_peak_fn(peak_shape, device, torch.float32, peak_op, repeat)
+        peak_fn, peak_flops = matmul_peak_fn(peak_shape, device, dt, peak_op, repeat)
         configs = [(c, h, n) for c in channels for h in heads for n in tokens]
         rows, skipped = [], []
         for i, (C, h, N) in enumerate(configs):
             progress(f'C={C} h={h} N={N}', i, len(configs))
             H, W = grid(N)
-            x = torch.randn(batch, C, H, W, device=device)
+            x = torch.randn(batch, C, H, W, device=device, dtype=dt)
             fns: dict[str, Callable[[], object]] = {}
             mems: dict[str, int | None] = {}
             for name in names:
                 mech = MECHANISMS[name]
                 try:
                     mod = mech.build(C, h, H, W)
-                    mod.to(device)
+                    mod.to(device=device, dtype=dt)
                     mod.eval()  # not chained: some timm modules' train() returns None
                     call = _bind(mod, x)
                     with quiet():
@@ -400,7 +423,7 @@ def run_attn_bench(names: list[str], tokens: list[int], channels: list[int], hea
             for name, t in times.items():
                 mech = MECHANISMS[name]
                 sec = median(t)
-                fl, by = mech.flops(batch, N, C, h), mech.bytes(batch, N, C, h)
+                fl, by = mech.flops(batch, N, C, h), mech.bytes(batch, N, C, h) * scale_bytes
                 row = dict(mechanism=name, family=mech.family, label=mech.label, C=C, h=h, N=N, H=H, W=W,
                            batch=batch, ms=round(sec * 1e3, 4), spread=round(spread(t), 3), flops=fl,
                            gflops=round(fl / sec / 1e9, 3), bytes=by, intensity=round(fl / by, 2),
@@ -412,9 +435,10 @@ def run_attn_bench(names: list[str], tokens: list[int], channels: list[int], hea
                         row['vs'] = base
                         row['speedup'] = round(paired_ratio(t, times[base]), 3)
                 rows.append(row)
-        peak = dict(op=peak_op, shape=list(peak_shape), gflops=round(peak_flops / median(peak_t) / 1e9, 2))
+        peak = dict(op=peak_op, shape=list(peak_shape), dtype=dtype,
+                    gflops=round(peak_flops / median(peak_t) / 1e9, 2))
         settings = dict(mechanisms=names, tokens=tokens, channels=channels, heads=heads, batch=batch, rounds=rounds,
-                        warmup=warmup, rewarm=rewarm, threads=threads, device=device)
+                        warmup=warmup, rewarm=rewarm, threads=threads, device=device, dtype=dtype)
         return dict(environment=env, settings=settings, peak=peak, rows=rows, skipped=skipped)
     finally:
         torch.set_num_threads(prev)

@@ -91,34 +91,42 @@ def matmul_peak_fn(shape: tuple[int, int, int], device: str | torch.device = 'cp
 
 
 def calibrate_matmul_peak(device: str | torch.device = 'cpu', dtype: torch.dtype = torch.float32,
-                          seconds: float = 0.05, tries: int = 3,
+                          seconds: float = 0.05, tries: int = 5,
                           shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES, ops: tuple[str, ...] = PEAK_OPS,
                           clock: Callable[[], float] = time.perf_counter) -> tuple[str, tuple[int, int, int], float]:
-    """Find this machine's best matmul: every (op, shape) candidate runs ``tries`` bursts of ``seconds`` and keeps its
-    best burst (contention only ever slows a burst down). Returns (op, shape, FLOP/s) of the best candidate, which is
-    then timed inside the interleaved rounds so that peak and models see the same machine load. On CUDA two big
-    squares through ``torch.mm`` are tried instead (AMP's fp16 when that is the precision)."""
+    """Find this machine's best matmul: every (op, shape) candidate runs ``tries`` bursts of ``seconds``, the
+    candidates taking turns (one burst each per turn, as the benchmark's own rounds do), and the candidate with the
+    highest median burst wins. Returns (op, shape, median FLOP/s) of that candidate, which is then timed inside the
+    interleaved rounds so that peak and models see the same machine load. Medians, not best bursts: on a host whose
+    clock drifts (a 2-vCPU Zen 3 EPYC of session 16 gave one GEMM 50-76 GFLOP/s from one call to the next), one lucky
+    burst picked a candidate that then ran 20 % below the others in the rounds. On CUDA two big squares through
+    ``torch.mm`` are tried instead (AMP's fp16 when that is the precision)."""
+    import statistics
+
     if torch.device(device).type == 'cuda':
         shapes, ops = ((4096, 4096, 4096), (8192, 8192, 8192)), ('mm',)
-    best: tuple[str, tuple[int, int, int], float] = (ops[0], shapes[0], 0.0)
+    candidates = {}
     with torch.inference_mode():
         for op in ops:
             for shape in shapes:
                 fn, flops = matmul_peak_fn(shape, device, dtype, op)
                 fn()
-                _sync(device)
-                for _ in range(tries):
-                    calls, t0 = 0, clock()
-                    while True:
-                        fn()
-                        calls += 1
-                        _sync(device)
-                        dt = clock() - t0
-                        if dt >= seconds:
-                            break
-                    if flops * calls / dt > best[2]:
-                        best = (op, shape, flops * calls / dt)
-    return best
+                candidates[(op, shape)] = (fn, flops)
+        _sync(device)
+        rates: dict[tuple[str, tuple[int, int, int]], list[float]] = {key: [] for key in candidates}
+        for _ in range(tries):
+            for key, (fn, flops) in candidates.items():
+                calls, t0 = 0, clock()
+                while True:
+                    fn()
+                    calls += 1
+                    _sync(device)
+                    dt = clock() - t0
+                    if dt >= seconds:
+                        break
+                rates[key].append(flops * calls / dt)
+    (op, shape), rate = max(((key, statistics.median(r)) for key, r in rates.items()), key=lambda kv: kv[1])
+    return op, shape, rate
 
 
 def _sync(device: str | torch.device) -> None:

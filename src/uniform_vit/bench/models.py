@@ -284,12 +284,16 @@ def run_bench(s: BenchSettings, progress: Callable[[str, int, int], None] | None
     ``progress(phase, done, total)`` is called as models are prepared and as rounds complete.
     """
     s = resolve_settings(s)
-    prev_threads = torch.get_num_threads()
+    prev_threads, prev_cudnn = torch.get_num_threads(), torch.backends.cudnn.benchmark
     torch.set_num_threads(s.threads)
+    # CUDA: let cuDNN time its convolution algorithms for each shape at the first (untimed) call, as timm's
+    # benchmark script does; every model gets the same chance, and the chosen kernels stay for the timed rounds
+    torch.backends.cudnn.benchmark = s.device.startswith('cuda') or prev_cudnn
     try:
         return _run(s, progress or (lambda *_: None))
     finally:
         torch.set_num_threads(prev_threads)
+        torch.backends.cudnn.benchmark = prev_cudnn
 
 
 def run_bench_repeated(s: BenchSettings, progress: Callable[[str, int, int], None] | None = None) -> dict:

@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   uniform-vit bench-attn                                  all mechanisms, C=128 h=4, N = 49 ... 4096
   uniform-vit bench-attn --mechanisms core_reuse_tiled,core_mha_sdpa --tokens 3136 --rounds 9
   uniform-vit bench-attn --channels 64,128,256 --heads 4 --json attn.json --csv attn.csv --plot attn.png
+  uniform-vit bench-attn --device cuda --tokens 784,3136,4096 --channels 64,128,256   fp16, batch 32 on a GPU
   uniform-vit bench-attn --list                           the mechanisms and what they are"""
 
 
@@ -30,7 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--tokens', type=_int_list, default=None, help='comma list of N (default 49,196,784,3136,4096)')
     p.add_argument('--channels', type=_int_list, default=[128], help='comma list of C (default 128)')
     p.add_argument('--heads', type=_int_list, default=[4], help='comma list of h (default 4)')
-    p.add_argument('--batch-size', type=positive_int, default=1, help='default 1')
+    p.add_argument('--batch-size', type=positive_int, default=None,
+                   help='default 1 on CPU, 32 on CUDA (one image at N = 3136 leaves most of a GPU idle)')
+    p.add_argument('--dtype', default='auto', choices=['auto', 'fp32', 'fp16', 'bf16'],
+                   help="auto (default): fp16 on CUDA (where PyTorch's flash attention runs), fp32 on CPU")
     p.add_argument('--threads', type=positive_int, default=1, help='CPU threads (default 1)')
     p.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda'")
     p.add_argument('--rounds', type=positive_int, default=5, help='interleaved rounds per configuration (default 5)')
@@ -67,27 +71,33 @@ def run(args: argparse.Namespace) -> int:
         return 0
     check_outputs(args.json, args.csv, args.plot)
     names = mechanism_names(args.mechanisms)
+    batch = args.batch_size or (32 if args.device.startswith('cuda') else 1)
     tokens = args.tokens or list(DEFAULT_TOKENS)
     to_stdout = args.json == '-'
     console = Console(stderr=to_stdout, width=max(140, Console().width))
     with Progress(TextColumn('{task.description:<28}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task('starting', total=1)
-        result = run_attn_bench(names, tokens, args.channels, args.heads, args.batch_size, args.rounds, args.warmup,
+        result = run_attn_bench(names, tokens, args.channels, args.heads, batch, args.rounds, args.warmup,
                                 args.threads, args.device,
                                 lambda phase, done, total: bar.update(task, description=phase, completed=done,
-                                                                      total=total), args.rewarm)
+                                                                      total=total), args.rewarm, args.dtype)
     if to_stdout:
         print(json.dumps(result, indent=2))
     else:
         e, pk = result['environment'], result['peak']
-        kernel = e.get('reuse_kernel', 'off (not on CPU)')
-        core = 'C++ kernel' if kernel == 'on' else f"C++ kernel {kernel}, products via {e['reuse_gemm']}"
+        kernel = e.get('reuse_kernel', 'off')
+        if e['gpu']:
+            core = f"Triton kernel {kernel} (UNIFORM_VIT_GPU_KERNELS=0 for the ATen loop)"
+        else:
+            core = ('C++ kernel' if kernel == 'on' else f"C++ kernel {kernel}, products via {e['reuse_gemm']}") + \
+                ' (UNIFORM_VIT_CPU_KERNELS=0, UNIFORM_VIT_GEMM override)'
         console.print(f"uniform-vit bench-attn: {e['gpu'] or e['cpu']} ({e['cpu_capability']}), {args.threads} "
-                      f"thread(s), torch {e['torch']}, batch {args.batch_size}, {args.rounds} interleaved rounds"
+                      f"thread(s), torch {e['torch']}, {result['settings']['dtype']}, batch {batch}, "
+                      f"{args.rounds} interleaved rounds"
                       f"{f', each timed warm ({args.rewarm} untimed call first)' if args.rewarm else ''}, "
                       f"matmul peak {pk['gflops']} GFLOP/s ({pk['op']} {'x'.join(map(str, pk['shape']))}), "
-                      f"tiled Reuse core: {core} (UNIFORM_VIT_CPU_KERNELS=0, UNIFORM_VIT_GEMM override)")
+                      f"tiled Reuse core: {core}")
         shown = []
         for r in result['rows']:
             d = dict(r)

@@ -80,6 +80,9 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     each row before writing it; the tests compare with 'eager'), instead of the (B, N, N) map. Same arithmetic per
     element as 'eager', so the same numbers up to float rounding.
 
+    On CUDA tensors, where Triton is installed, the whole core is one fused Triton kernel instead
+    (:mod:`uniform_vit.layers.gpu_kernels`: flash-attention blocking with one map for all heads).
+
     Where the C++ kernel of :mod:`uniform_vit.layers.cpu_kernels` is built (CPUs with AVX-512; float32 inputs in
     any layout), it does all of this in one op: tiles of 32 queries, register-blocked products fused with the
     softmax, nothing copied, instead of one BLAS call per tile and product, each repacking its whole operands;
@@ -103,10 +106,15 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     map), 1.04-1.15x on the whole core at N = 3136; they then come as a fresh (T, N) tensor per tile (the op has no
     ``out=``). Channel-major keys keep MKL's ``addmm`` into the reused buffer: copying them would add N x Cq floats
     to the peak memory of the bare core, which stays below fused SDPA's."""
+    from . import gpu_kernels
     from .cpu_kernels import reuse_core
     from .gemm import linear_nt, onednn_linear_available, onednn_preferred
 
     B, C, N = v.shape
+    if tile is None and v.device.type != 'cpu' and gpu_kernels.usable(q, k, v, bias):
+        out = gpu_kernels.reuse_core_or_none(q, k, v, bias, scale)  # CUDA: one fused Triton kernel
+        if out is not None:
+            return out
     if B == 0:  # nothing to attend; the buffers below are chosen from the first image
         return v.new_empty(B, N, C).transpose(1, 2)
     if tile is None and CPU_KERNEL and v.device.type == 'cpu' and q.dtype == k.dtype == v.dtype == torch.float32:
@@ -180,12 +188,16 @@ def reuse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     ``impl='eager'`` materialises the (B, N, N) map; ``'tiled'`` walks tiles of queries so only a (T, N) slice of
     the map exists at a time (same numbers, much faster and smaller at large N on CPU); ``'sdpa'`` hands the same
     computation to PyTorch's fused ``scaled_dot_product_attention`` as ONE head with a Cq-wide q/k and a C-wide value;
-    ``'auto'`` (default) picks 'tiled' on CPU for N >= 512 when no gradient is needed, else 'eager'.
+    ``'auto'`` (default) picks 'tiled' for N >= 512 when no gradient is needed (on CPU; on CUDA where the Triton
+    kernel can run, which 'tiled' then uses), else 'eager'.
     """
     N = q.shape[-1]
     if impl == 'auto':
-        tiled_ok = q.device.type == 'cpu' and N >= TILED_MIN_N and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, bias)))
+        from . import gpu_kernels
+
+        no_grad = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)))
+        tiled_ok = N >= TILED_MIN_N and no_grad and (
+            q.device.type == 'cpu' or (N >= gpu_kernels.TRITON_MIN_N and gpu_kernels.usable(q, k, v, bias)))
         impl = 'tiled' if tiled_ok else 'eager'
     if impl == 'tiled':
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):

@@ -1,8 +1,8 @@
 """Optional C++ kernel for x86 CPUs: the query-tiled Reuse Attention core in one op (``csrc/reuse_core.cpp``).
 
 It is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja: the tools ``torch.compile``
-needs on CPU too; ninja comes with this package), for CPUs where PyTorch itself dispatches to AVX-512, in about
-15 s, and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+needs on CPU too; ninja comes with this package), for CPUs where PyTorch itself dispatches to AVX-512 or AVX2, in
+about 15-30 s, and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 Elsewhere, or where the build fails (a warning says why, once), :func:`reuse_core` returns None and the tiled core
 keeps its ATen products. ``UNIFORM_VIT_CPU_KERNELS=0`` turns the kernel off (A/B runs, or to skip the build). Why a
 kernel at all: benchmarks/RESULTS.md, section 1, session 14."""
@@ -20,11 +20,13 @@ import torch
 
 ENV = 'UNIFORM_VIT_CPU_KERNELS'
 SOURCE = Path(__file__).with_name('csrc') / 'reuse_core.cpp'
-# the vector ISA PyTorch reports -> ATen's build macro and the compiler flags (as inductor builds its CPU code).
-# AVX-512 only: the register blocking (24 accumulators) wants its 32 vector registers. Built for AVX2 (16 registers)
-# on the Xeon of session 14, with MKL still on AVX-512, it ran at 0.60-0.98x the ATen path, so AVX2 CPUs keep that.
+# the vector ISA PyTorch reports -> ATen's build macro and the compiler flags (as inductor builds its CPU code). The
+# kernel's register blocking follows the ISA (24 accumulators in AVX-512's 32 registers, 12 in AVX2's 16): built with
+# the AVX-512 blocking for AVX2, it spilled and ran at 0.60-0.98x the ATen path (session 14); with its own blocking
+# on an AVX2-only Zen 3 it runs 1.2-1.9x the ATen path (session 16).
 _ISA_FLAGS = {
     'AVX512': ['-DCPU_CAPABILITY_AVX512', '-mavx512f', '-mavx512dq', '-mavx512vl', '-mavx512bw', '-mfma'],
+    'AVX2': ['-DCPU_CAPABILITY_AVX2', '-mavx2', '-mfma', '-mf16c'],
 }
 _loaded: bool | None = None  # None: not tried yet in this process
 _reason = ''

@@ -8,8 +8,10 @@ thread: 1.7-2.2x the FLOP rate of ``torch.mm`` for the Reuse core's tile product
 and compiled code keep ``torch.mm``.
 
 On Intel CPUs MKL runs its AVX-512 kernels and is the faster of the two for these shapes (measured on a 2-core Xeon,
-one thread: 147 vs 98 GFLOP/s for the value product, 102 vs 35 for the thin logits; ``benchmarks/RESULTS.md``), so
-the policy is per vendor: oneDNN unless the CPU is an Intel one. ``UNIFORM_VIT_GEMM=onednn|mkl`` (or
+one thread: 147 vs 98 GFLOP/s for the value product, 102 vs 35 for the thin logits; ``benchmarks/RESULTS.md``). On
+CPUs without AVX-512 both libraries run AVX2 code, and MKL's is the faster there too: on a Zen 3 EPYC the tiled
+Reuse core ran 1.14-1.42x faster on ``torch.mm`` than through oneDNN (N = 3136, C = 64-256; session 16). So the
+policy: oneDNN only on non-Intel CPUs with AVX-512 (AMD Zen 4 and 5). ``UNIFORM_VIT_GEMM=onednn|mkl`` (or
 :func:`gemm_backend`) overrides it.
 """
 
@@ -33,7 +35,7 @@ def onednn_preferred() -> bool:
     if _backend not in GEMM_BACKENDS:  # only the environment variable can get here
         raise UserError(f"UNIFORM_VIT_GEMM={_backend!r}: choose one of {', '.join(GEMM_BACKENDS)}")
     if _backend == 'auto':
-        return cpu_vendor() != 'GenuineIntel'
+        return cpu_vendor() != 'GenuineIntel' and torch.backends.cpu.get_cpu_capability() == 'AVX512'
     return _backend == 'onednn'
 
 

@@ -7,14 +7,15 @@
 // Why not ATen calls per tile: at N = 3136 the Python core made ~80 BLAS calls per product, and each call repacks
 // its whole (N, C) value operand (benchmarks/RESULTS.md, section 1, session 14). Here every operand is read where
 // it lies, nothing is copied, and only one (N, TQ) slice of the map exists per thread, TQ = 2 vectors of queries
-// (32 with AVX-512, the ISA it is built for). The slice is kept transposed, S^T (keys x queries), so that every
-// step vectorises over queries or channels and broadcasts the other operand:
-//   logits  S^T[j, :] = sum_d k[d, j] (scale q[d, tile]) (+ bias[tile, j], gathered down the bias's rows), 12 keys
-//           x 2 query vectors in registers, the column maxima on the way;
+// (32 with AVX-512, 16 with AVX2: it is built for the ISA PyTorch dispatches to, blocked for its registers below).
+// The slice is kept transposed, S^T (keys x queries), so that every step vectorises over queries or channels and
+// broadcasts the other operand (register blocks for AVX-512 / AVX2):
+//   logits  S^T[j, :] = sum_d k[d, j] (scale q[d, tile]) (+ bias[tile, j], gathered down the bias's rows), 12 / 6
+//           keys x 2 query vectors in registers, the column maxima on the way;
 //   softmax S^T <- exp(S^T - max) with ATen's vectorised exp_u20 (the fast exp PyTorch's CPU flash attention uses
 //           for its scores, about 20 ULP), column sums kept;
-//   values  token-major v: O[tile, :] = sum_j S^T[j, tile] v[:, j], 6 queries x 4 channel vectors in registers;
-//           channel-major v: O^T[:, tile] = sum_j v[:, j] S^T[j, tile], 12 channels x 2 query vectors;
+//   values  token-major v: O[tile, :] = sum_j S^T[j, tile] v[:, j], 6 queries x 4 / 2 channel vectors in registers;
+//           channel-major v: O^T[:, tile] = sum_j v[:, j] S^T[j, tile], 12 / 6 channels x 2 query vectors;
 //           both over blocks of keys (KEYS, KEYS_TM) so that the block of S^T stays in L1; then divided by the sums.
 // Queries past the end of the last tile are computed as zeros and never stored. A column whose maximum is not
 // finite (a -inf bias for every key) goes through std::exp, so inf / NaN come out as ATen's softmax gives them.
@@ -39,6 +40,18 @@ using Vec = at::vec::Vectorized<float>;
 using VecI = at::vec::Vectorized<int32_t>;
 constexpr int64_t V = Vec::size();
 constexpr int64_t TQ = 2 * V;  // queries per tile
+// Register blocking, sized to the vector registers: AVX-512 has 32, AVX2 16 (accumulators + operands must fit).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int LK = 12;   // logits: keys x 2 query vectors in registers (24 accumulators)
+constexpr int VR = 6;    // token-major value product: query rows x VC channel vectors (24 accumulators)
+constexpr int VC = 4;
+constexpr int CMR = 12;  // channel-major value product: channels x 2 query vectors (24 accumulators)
+#else
+constexpr int LK = 6;    // 12 accumulators + 2 query vectors + 1 broadcast key = 15 of AVX2's 16 registers
+constexpr int VR = 6;    // 12 accumulators + 2 value vectors + 1 broadcast = 15 (4 x 3 measured 5-15 % slower)
+constexpr int VC = 2;
+constexpr int CMR = 6;   // 12 accumulators + 2 map vectors + 1 broadcast = 15
+#endif
 constexpr int64_t KEYS = 128;  // keys per block of the value product, channel-major values
 // token-major values: a (KEYS_TM, 4 vectors) block of v and the (KEYS_TM, TQ) block of S^T share L1; 64 keys ran
 // 1.03-1.06x faster than 128 at N = 3136 (C = 64 / 128; 32 and 256 no better)
@@ -137,7 +150,7 @@ void value_cm(const Args& a, const float* st, int64_t c0, int64_t k0, int64_t k1
 template <int R>
 void value_tm_rows(const Args& a, const float* st, int64_t r0, int64_t k0, int64_t k1, float* o, bool first) {
   int64_t c0 = 0;
-  for (; c0 + 4 * V <= a.c; c0 += 4 * V) value_tm<R, 4>(a, st, r0, c0, k0, k1, o + c0, first);
+  for (; c0 + VC * V <= a.c; c0 += VC * V) value_tm<R, VC>(a, st, r0, c0, k0, k1, o + c0, first);
   for (; c0 + V <= a.c; c0 += V) value_tm<R, 1>(a, st, r0, c0, k0, k1, o + c0, first);
   for (; c0 < a.c; ++c0)  // the last channels, fewer than one vector
     for (int r = 0; r < R; ++r) {
@@ -160,7 +173,7 @@ void tile(const Args& a, int64_t t0, float* st, float* qt, float* cm_acc) {
   const Vec ninf(-std::numeric_limits<float>::infinity());
   Vec m0 = ninf, m1 = ninf;
   int64_t j = 0;
-  for (; j + 12 <= n; j += 12) logits_keys<12>(a, qt, bias, bi0, bi1, j, st, m0, m1);
+  for (; j + LK <= n; j += LK) logits_keys<LK>(a, qt, bias, bi0, bi1, j, st, m0, m1);
   for (; j + 4 <= n; j += 4) logits_keys<4>(a, qt, bias, bi0, bi1, j, st, m0, m1);
   for (; j < n; ++j) logits_keys<1>(a, qt, bias, bi0, bi1, j, st, m0, m1);
   // softmax down the columns: exp(S^T - max), column sums
@@ -192,8 +205,8 @@ void tile(const Args& a, int64_t t0, float* st, float* qt, float* cm_acc) {
     float* o = a.out + t0 * a.c;
     for (int64_t k0 = 0; k0 < n; k0 += KEYS_TM) {
       const int64_t k1 = std::min(n, k0 + KEYS_TM);
-      for (int64_t r = 0; r < rows;) {  // blocks of 6 query rows; the rest as one block of 1-5 (8 left: 4 + 4)
-        const int64_t left = rows - r, rr = left == 8 ? 4 : std::min<int64_t>(6, left);
+      for (int64_t r = 0; r < rows;) {  // blocks of VR query rows; the rest as one smaller block (8 left: 4 + 4)
+        const int64_t left = rows - r, rr = left == 8 ? 4 : std::min<int64_t>(VR, left);
         switch (rr) {
           case 6: value_tm_rows<6>(a, st, r, k0, k1, o + r * a.c, k0 == 0); break;
           case 5: value_tm_rows<5>(a, st, r, k0, k1, o + r * a.c, k0 == 0); break;
@@ -213,16 +226,18 @@ void tile(const Args& a, int64_t t0, float* st, float* qt, float* cm_acc) {
     }
   } else {
     const Vec i0 = Vec::loadu(inv), i1 = Vec::loadu(inv + V);
-    for (int64_t c0 = 0; c0 < a.c; c0 += 12) {
-      const int64_t rc = std::min<int64_t>(12, a.c - c0);
+    for (int64_t c0 = 0; c0 < a.c; c0 += CMR) {
+      const int64_t rc = std::min<int64_t>(CMR, a.c - c0);
       for (int64_t k0 = 0; k0 < n; k0 += KEYS) {
         const int64_t k1 = std::min(n, k0 + KEYS);
-        for (int64_t i = 0; i < rc;) {  // 12 channels at a time; the rest in blocks of 8, 4 and 1
-          const int64_t left = rc - i, w = left >= 12 ? 12 : left >= 8 ? 8 : left >= 4 ? 4 : 1;
+        for (int64_t i = 0; i < rc;) {  // CMR channels at a time; the rest in blocks of 8 (AVX-512), 4 and 1
+          const int64_t left = rc - i, w = left >= CMR ? CMR : left >= 8 ? 8 : left >= 4 ? 4 : 1;
           float* acc = cm_acc + i * TQ;
           switch (w) {
-            case 12: value_cm<12>(a, st, c0 + i, k0, k1, acc, k0 == 0); break;
+            case CMR: value_cm<CMR>(a, st, c0 + i, k0, k1, acc, k0 == 0); break;
+#if defined(CPU_CAPABILITY_AVX512)
             case 8: value_cm<8>(a, st, c0 + i, k0, k1, acc, k0 == 0); break;
+#endif
             case 4: value_cm<4>(a, st, c0 + i, k0, k1, acc, k0 == 0); break;
             default: value_cm<1>(a, st, c0 + i, k0, k1, acc, k0 == 0);
           }
@@ -272,7 +287,7 @@ at::Tensor reuse_core(const at::Tensor& q, const at::Tensor& k, const at::Tensor
            out.data_ptr<float>() + b * n * c};
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       at::Tensor sbuf = at::empty({n, TQ}, q.options());  // this thread's slice of the map, transposed
-      std::vector<float> qt(cq * TQ), cm_acc(12 * TQ);
+      std::vector<float> qt(cq * TQ), cm_acc(CMR * TQ);
       for (int64_t t = begin; t < end; ++t)
         tile(a, t * TQ, sbuf.data_ptr<float>(), qt.data(), cm_acc.data());
     });
