@@ -411,3 +411,28 @@ def test_cpuinfo_fields_come_from_the_first_processor(tmp_path):
     assert set(fields['flags'].split()) == {'fpu', 'avx2', 'avx512f', 'avx512_vnni'}
     assert hardware._cpuinfo(str(tmp_path / 'missing')) == {}  # not Linux: the callers fall back to platform data
     assert hardware.cpu_name() and isinstance(hardware.cpu_vendor(), str)
+
+
+def test_plot_labels_do_not_overlap_or_leave_the_axes():
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    from uniform_vit.bench.models import place_labels
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)  # the bench plot's size
+    # neighbours with close speed and accuracy (as efficientvit_m3 and mobilenetv3_large_075 were), one at the edge
+    pts = [('efficientvit_m3', 68.0, 73.4), ('mobilenetv3_large_075', 58.6, 73.3), ('shvit_s1', 82.0, 72.8),
+           ('uniform_t', 219.0, 66.0), ('efficientvit_m0', 150.0, 63.2)]
+    ax.scatter([p[1] for p in pts], [p[2] for p in pts])
+    ax.set_xscale('log')
+    fig.tight_layout()
+    texts = place_labels(ax, pts)
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in texts]
+    frame = ax.get_window_extent(r)
+    assert [t.get_text() for t in texts] == [p[0] for p in pts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)  # uniform_t's name does not run off the plot
+    plt.close(fig)

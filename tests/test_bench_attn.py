@@ -157,8 +157,7 @@ def test_dtype_is_recorded_and_scales_the_bytes():
     names = ['core_reuse_tiled', 'core_mha_sdpa']
     result = run_attn_bench(names, tokens=[49], channels=[32], heads=[4], rounds=1, warmup=0, dtype='bf16')
     assert result['settings']['dtype'] == 'bf16' and result['peak']['dtype'] == 'bf16'
-    for r in result['rows']:  # 2-byte elements: half the fp32 traffic, twice the arithmetic intensity
+    for r in result['rows']:  # 2-byte elements: half the fp32 traffic (the analytic formulas count 4-byte ones)
         assert r['bytes'] == MECHANISMS[r['mechanism']].bytes(1, 49, 32, 4) / 2
-    fp32 = run_attn_bench(names, tokens=[49], channels=[32], heads=[4], rounds=1, warmup=0)
-    assert fp32['settings']['dtype'] == 'fp32'
-    assert [r['bytes'] for r in fp32['rows']] == [2 * r['bytes'] for r in result['rows']]
+        assert r['intensity'] == pytest.approx(2 * r['flops'] / MECHANISMS[r['mechanism']].bytes(1, 49, 32, 4),
+                                               rel=1e-2)

@@ -17,6 +17,12 @@ floor of the run); every copy carries the same weights, and the script checks th
 * ``stem-one-transpose``: the image turned channels-last once for the whole batch, then split in two.
 * ``conv1x1``: every 1x1 conv through ``conv2d`` (the deploy form before session 10) instead of
   :class:`~uniform_vit.layers.conv.PointwiseConv2d`'s oneDNN matmul.
+* ``mkl1x1``: every 1x1 conv as MKL's ``addmm`` on the channels-last token matrix (session 16, an AVX2 CPU).
+* ``linear-relu``: the FFN's ReLU fused into its first oneDNN matmul (the linear op's 'relu' post-op).
+* ``linear-relu-add``: that, and the residual add fused into the second matmul (the op's binary 'add' form).
+* ``stem-contiguous``: the image turned channels-last by ``contiguous()`` instead of stacking its planes.
+* ``stem-nchw-wcl``: the first stem conv on the NCHW image with a channels-last weight (no separate copy).
+* ``pm-chunks2``, ``pm-chunks4``: patch merging's expansion and depthwise conv in 2 / 4 batch chunks.
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ import types
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import uniform_vit  # noqa: F401  (registers uniform_*)
 from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio
 from uniform_vit.layers.conv import FFN, PointwiseConv2d, Residual
 from uniform_vit.layers.fuse import reparameterize
 from uniform_vit.models.uniform import DeployStem, PatchMerging, _to_channels_last
+from uniform_vit.utils.malloc import tune_allocator
 
 Scalars = list[int | float | complex | None]  # TorchScript's spelling of the op's Scalar?[]
 
@@ -92,6 +100,60 @@ def _stem_one_transpose(self: DeployStem, x: torch.Tensor) -> torch.Tensor:
     return _in_parts(self, _to_channels_last(x), lambda p: nn.Sequential.forward(self, p))
 
 
+@torch.jit.script
+def linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    B, C, H, W = x.shape
+    y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1).reshape(B * H * W, C), w, b, 'relu', [], '')
+    return y.view(B, H, W, w.shape[0]).permute(0, 3, 1, 2)
+
+
+@torch.jit.script
+def linear_add(x: torch.Tensor, other: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    B, C, H, W = x.shape
+    o = other.permute(0, 2, 3, 1).reshape(B * H * W, other.shape[1])
+    y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1).reshape(B * H * W, C), o, w, b, 'add')
+    return y.view(B, H, W, w.shape[0]).permute(0, 3, 1, 2)
+
+
+def _w2d(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.weight.view(conv.out_channels, conv.in_channels)
+
+
+def _ffn_linear_relu(self: Residual, x: torch.Tensor) -> torch.Tensor:
+    return x + self.m.pw2(linear_relu(x, _w2d(self.m.pw1), self.m.pw1.bias))
+
+
+def _ffn_linear_relu_add(self: Residual, x: torch.Tensor) -> torch.Tensor:
+    return linear_add(linear_relu(x, _w2d(self.m.pw1), self.m.pw1.bias), x, _w2d(self.m.pw2), self.m.pw2.bias)
+
+
+def _mkl_1x1(self: PointwiseConv2d, x: torch.Tensor) -> torch.Tensor:
+    if not self._onednn_ok(x):
+        return nn.Conv2d.forward(self, x)
+    B, C, H, W = x.shape
+    t = x.permute(0, 2, 3, 1).reshape(B * H * W, C)
+    y = torch.addmm(self.bias, t, _w2d(self).t()) if self.bias is not None else torch.mm(t, _w2d(self).t())
+    return y.view(B, H, W, -1).permute(0, 3, 1, 2)
+
+
+def _stem_contiguous(self: DeployStem, x: torch.Tensor) -> torch.Tensor:
+    return _in_parts(self, x, lambda p: nn.Sequential.forward(self, p.contiguous(memory_format=torch.channels_last)))
+
+
+def _stem_nchw_wcl(self: DeployStem, x: torch.Tensor) -> torch.Tensor:
+    c0, tail = self[0], nn.Sequential(*list(self)[1:])
+    w = c0.weight.contiguous(memory_format=torch.channels_last)  # a channels-last weight makes the output one
+    return _in_parts(self, x, lambda p: tail(F.conv2d(p, w, c0.bias, c0.stride, c0.padding)))
+
+
+def _pm_chunks(k: int):
+    def forward(self: PatchMerging, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.act2(self.conv2(self.act1(self.conv1(p)))) for p in x.tensor_split(k)])
+        return self.conv3(self.se(h))
+
+    return forward
+
+
 def apply(model: nn.Module, variant: str) -> nn.Module:
     """A copy of the deploy-form ``model`` with ``variant`` patched in (method overrides on its instances)."""
     model = copy.deepcopy(model)
@@ -115,12 +177,30 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         for m in model.modules():
             if isinstance(m, PointwiseConv2d):
                 m.forward = types.MethodType(nn.Conv2d.forward, m)
+    elif variant == 'mkl1x1':
+        for m in model.modules():
+            if isinstance(m, PointwiseConv2d):
+                m.forward = types.MethodType(_mkl_1x1, m)
+    elif variant in ('linear-relu', 'linear-relu-add'):
+        fn = _ffn_linear_relu if variant == 'linear-relu' else _ffn_linear_relu_add
+        for m in model.modules():
+            if isinstance(m, Residual) and isinstance(m.m, FFN):
+                m.forward = types.MethodType(fn, m)
+    elif variant == 'stem-contiguous':
+        stem.forward = types.MethodType(_stem_contiguous, stem)
+    elif variant == 'stem-nchw-wcl':
+        stem.forward = types.MethodType(_stem_nchw_wcl, stem)
+    elif variant in ('pm-chunks2', 'pm-chunks4'):
+        for m in model.modules():
+            if isinstance(m, PatchMerging):
+                m.forward = types.MethodType(_pm_chunks(int(variant[-1])), m)
     else:
         raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
     return model
 
 
-VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'stem-one-transpose', 'conv1x1')
+VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'stem-one-transpose', 'conv1x1', 'mkl1x1',
+            'linear-relu', 'linear-relu-add', 'stem-contiguous', 'stem-nchw-wcl', 'pm-chunks2', 'pm-chunks4')
 
 
 def main() -> None:
@@ -130,6 +210,7 @@ def main() -> None:
     ap.add_argument('--rounds', type=int, default=15)
     ap.add_argument('--batch-size', type=int, default=16)
     args = ap.parse_args()
+    tune_allocator()  # as every uniform-vit command does
     torch.set_num_threads(1)
     x = torch.randn(args.batch_size, 3, 224, 224)
     base = reparameterize(timm.create_model(args.model).eval())

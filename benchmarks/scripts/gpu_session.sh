@@ -6,7 +6,12 @@
 #
 # Optional: .whl/*.whl are installed first (a pinned timm where the machine has another), .fmnist/ holds the four
 # Fashion-MNIST idx files where no Debian package or download is available. DEADLINE_S (default 560) is the
-# wall-clock budget of the whole script; the training runs get what the benchmarks leave of it.
+# wall-clock budget of the whole script; the training runs get what the benchmarks leave of it. Both folders are in
+# .gitignore; to send the script to this workplace's lent GPU (the `device` tool), prepare them here and carry them:
+#   mkdir -p .fmnist && cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/
+#   pip download -q --no-deps --only-binary=:all: -d .whl timm==1.0.31
+#   run: 'set -o pipefail; DEADLINE_S=555 bash benchmarks/scripts/gpu_session.sh 2>&1 | tee $OUT/log.txt',
+#        carry ['.whl', '.fmnist'], timeout_s 600
 set -u
 OUT=${OUT:?set OUT to a results folder}
 mkdir -p "$OUT/res"

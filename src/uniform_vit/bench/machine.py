@@ -91,7 +91,7 @@ def matmul_peak_fn(shape: tuple[int, int, int], device: str | torch.device = 'cp
 
 
 def calibrate_matmul_peak(device: str | torch.device = 'cpu', dtype: torch.dtype = torch.float32,
-                          seconds: float = 0.05, tries: int = 5,
+                          seconds: float = 0.03, tries: int = 5,
                           shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES, ops: tuple[str, ...] = PEAK_OPS,
                           clock: Callable[[], float] = time.perf_counter) -> tuple[str, tuple[int, int, int], float]:
     """Find this machine's best matmul: every (op, shape) candidate runs ``tries`` bursts of ``seconds``, the

@@ -535,7 +535,6 @@ def plot_top1_vs_throughput(result: dict, path: str) -> None:
     for r in rows:
         ours = r['model'].startswith('uniform_')
         ax.scatter(r['img_per_s'], r['top1'], s=40, color='tab:red' if ours else 'tab:blue', zorder=3)
-        ax.annotate(r['model'], (r['img_per_s'], r['top1']), fontsize=7, xytext=(4, 3), textcoords='offset points')
     for a, b in PEERS.items():
         ra = next((r for r in rows if r['model'] == a), None)
         rb = next((r for r in rows if r['model'] == b), None)
@@ -550,8 +549,41 @@ def plot_top1_vs_throughput(result: dict, path: str) -> None:
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f'{v:g}' if f'{v:e}'[0] in '25' else ''))
     ax.set_xlabel(f"measured throughput (img/s, batch {s['batch_size']}, {s['threads']} thread(s), {s['backend']})")
     ax.set_ylabel('published ImageNet-1K top-1 (%)')
-    ax.set_title(f"{e['gpu'] or e['cpu']}, torch {e['torch']}", fontsize=9)
+    where = e['gpu'] or f"{e['cpu']} ({e.get('cpu_capability', '?')})"
+    ax.set_title(f"{where}, torch {e['torch']}", fontsize=9)
     ax.grid(True, which='both', alpha=0.3)
     fig.tight_layout()
+    place_labels(ax, [(r['model'], r['img_per_s'], r['top1']) for r in rows])
     fig.savefig(path)
     plt.close(fig)
+
+
+def place_labels(ax, points: list[tuple[str, float, float]], fontsize: int = 7) -> list:
+    """Label each (text, x, y) point beside it, trying the four corners around the point in turn and keeping the
+    first whose box stays inside the axes and overlaps no label placed before and no other point (neighbouring
+    models with close speed and accuracy otherwise print their names over each other); where every corner clashes,
+    the one with the fewest clashes. Returns the matplotlib Text objects."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    offsets = ((4, 3, 'left', 'bottom'), (4, -3, 'left', 'top'), (-4, 3, 'right', 'bottom'), (-4, -3, 'right', 'top'))
+    from matplotlib.transforms import Bbox
+
+    centres = ax.transData.transform([(x, y) for _, x, y in points])
+    marks = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in centres]
+    placed, texts = [], []
+    for i, (text, x, y) in enumerate(points):
+        others = placed + marks[:i] + marks[i + 1:]  # earlier labels and every other point's marker
+        choices = []
+        for dx, dy, ha, va in offsets:
+            t = ax.annotate(text, (x, y), fontsize=fontsize, xytext=(dx, dy), textcoords='offset points', ha=ha,
+                            va=va)
+            box = t.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            clashes = sum(box.overlaps(b) for b in others)
+            choices.append((clashes + (0 if inside else 100), len(choices), t, box))
+            t.remove()
+        _, _, t, box = min(choices, key=lambda c: c[:2])  # no clash and inside the axes, else the least bad
+        ax.add_artist(t)
+        placed.append(box)
+        texts.append(t)
+    return texts
