@@ -83,29 +83,30 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     On CUDA tensors, where Triton is installed, the whole core is one fused Triton kernel instead
     (:mod:`uniform_vit.layers.gpu_kernels`: flash-attention blocking with one map for all heads).
 
-    Where the C++ kernel of :mod:`uniform_vit.layers.cpu_kernels` is built (CPUs with AVX-512; float32 inputs in
-    any layout), it does all of this in one op: tiles of 32 queries, register-blocked products fused with the
-    softmax, nothing copied, instead of one BLAS call per tile and product, each repacking its whole operands;
-    1.0-1.8x the loop below and less peak memory (benchmarks/RESULTS.md, section 1, session 14). Its output layout
+    Where the C++ kernel of :mod:`uniform_vit.layers.cpu_kernels` is built (CPUs with AVX-512 or AVX2; float32
+    inputs in any layout), it does all of this in one op: tiles of 32 (AVX2: 16) queries, register-blocked products
+    fused with the softmax, nothing copied, instead of one BLAS call per tile and product, each repacking its whole
+    operands; 1.0-1.9x the loop below and less peak memory (benchmarks/RESULTS.md, section 1, sessions 14 and 16).
+    Its output layout
     follows ``v``, as eager's does. The rest of this docstring is the ATen path, used everywhere else.
 
     Output rows are written token-major, (T, C) at a time (``at @ v^T``), and returned as a (B, C, N) view of
-    (B, N, C) memory, with one exception: channel-major values on ``torch.mm`` (MKL, the policy on Intel CPUs) whose
-    rows lie a multiple of 4 KiB apart, from N = 2048 (N = 2048, 4096, ...). There the token-major product's
+    (B, N, C) memory, with one exception: channel-major values on ``torch.mm`` (MKL, the policy on Intel and AVX2
+    CPUs) whose rows lie a multiple of 4 KiB apart, from N = 2048 (N = 2048, 4096, ...). There the token-major product's
     transposed read of the values hits cache-set aliasing (1.2-1.45x slower at N = 4096 on an Intel Xeon), so the
     output is channel-major instead, (C, T) column blocks ``v @ at^T`` written in place. Elsewhere that form lost
     (0.90-0.98x at C = 64, N = 1024-3136; benchmarks/RESULTS.md, session 13), so the rule is that narrow.
 
-    In eager calls where the GEMM policy prefers oneDNN (every CPU but Intel's; :mod:`uniform_vit.layers.gemm`), the
-    value product goes through oneDNN: 1.7-2x the rate of ``torch.mm`` on AMD CPUs. On Intel CPUs every product stays
-    on ``torch.mm`` (MKL, AVX-512 there), and token-major keys are copied into contiguous (Cq, N) rows for its logits
-    (below). oneDNN wants the values as a contiguous (C, N) weight: a channel-major ``v``
+    In eager calls where the GEMM policy prefers oneDNN (AMD CPUs with AVX-512; :mod:`uniform_vit.layers.gemm`), the
+    value product goes through oneDNN: 1.7-2x the rate of ``torch.mm`` there. On Intel CPUs and on every AVX2 CPU each
+    product stays on ``torch.mm`` (MKL, the faster of the two there), and token-major keys are copied into contiguous
+    (Cq, N) rows for its logits (below). oneDNN wants the values as a contiguous (C, N) weight: a channel-major ``v``
     already is one; a token-major ``v`` is copied into one (C, N) buffer per image, reused across images (C x N floats
     more memory, which the doubled matmul rate repays many times over). The logits go through oneDNN too when the keys
     are token-major (a channels-last map: (N, Cq) rows, copied once per image only when they are a slice of a wider
     map), 1.04-1.15x on the whole core at N = 3136; they then come as a fresh (T, N) tensor per tile (the op has no
-    ``out=``). Channel-major keys keep MKL's ``addmm`` into the reused buffer: copying them would add N x Cq floats
-    to the peak memory of the bare core, which stays below fused SDPA's."""
+    ``out=``). Channel-major keys keep MKL's ``addmm`` into the reused buffer: copying them would add N x Cq floats to
+    the peak memory of the bare core, which stays below fused SDPA's."""
     from . import gpu_kernels
     from .cpu_kernels import reuse_core
     from .gemm import linear_nt, onednn_linear_available, onednn_preferred

@@ -178,7 +178,8 @@ def reuse_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     bias_t = bias if bias is not None else q  # any tensor: never read without HAS_BIAS
     args = (q, k, v, bias_t, out, float(scale) * 1.4426950408889634, N, cq, C,
             *q.stride(), *k.stride(), *v.stride(), *(bias.stride() if bias is not None else (0, 0)), *out.stride())
-    consts = dict(HAS_BIAS=bias is not None, PREC='ieee' if v.dtype == torch.float32 else 'tf32',
+    # fp32: full-precision products (not tf32); fp16/bf16: Triton's default (the matrix units, on any vendor's GPU)
+    consts = dict(HAS_BIAS=bias is not None, PREC='ieee' if v.dtype == torch.float32 else None,
                   BLOCK_Q=max(16, _next_pow2(cq)))
     if config is None and not interpreting():  # timed once per (Cq, C, dtype) on this GPU, then cached
         _tuned_kernel()[lambda m: (-(-N // m['BLOCK_M']), -(-C // m['BLOCK_C']), B)](*args, **consts)
