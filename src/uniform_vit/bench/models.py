@@ -563,11 +563,11 @@ def place_labels(ax, points: list[tuple[str, float, float]], fontsize: int = 7) 
     first whose box stays inside the axes and overlaps no label placed before and no other point (neighbouring
     models with close speed and accuracy otherwise print their names over each other); where every corner clashes,
     the one with the fewest clashes. Returns the matplotlib Text objects."""
+    from matplotlib.transforms import Bbox
+
     renderer = ax.figure.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     offsets = ((4, 3, 'left', 'bottom'), (4, -3, 'left', 'top'), (-4, 3, 'right', 'bottom'), (-4, -3, 'right', 'top'))
-    from matplotlib.transforms import Bbox
-
     centres = ax.transData.transform([(x, y) for _, x, y in points])
     marks = [Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in centres]
     placed, texts = [], []
