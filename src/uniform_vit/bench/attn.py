@@ -376,7 +376,7 @@ def run_attn_bench(names: list[str], tokens: list[int], channels: list[int], hea
         raise UserError("--device cuda requested but torch sees no CUDA device")
     dtype = resolve_dtype(dtype, device)
     dt = DTYPES[dtype]
-    scale_bytes = torch.empty((), dtype=dt).element_size() / F32
+    scale_bytes = dt.itemsize / F32  # the analytic byte counts are in 4-byte elements
     progress = progress or (lambda *_: None)
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)

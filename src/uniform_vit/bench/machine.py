@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from collections.abc import Callable
 
@@ -101,8 +102,6 @@ def calibrate_matmul_peak(device: str | torch.device = 'cpu', dtype: torch.dtype
     clock drifts (a 2-vCPU Zen 3 EPYC of session 16 gave one GEMM 50-76 GFLOP/s from one call to the next), one lucky
     burst picked a candidate that then ran 20 % below the others in the rounds. On CUDA two big squares through
     ``torch.mm`` are tried instead (AMP's fp16 when that is the precision)."""
-    import statistics
-
     if torch.device(device).type == 'cuda':
         shapes, ops = ((4096, 4096, 4096), (8192, 8192, 8192)), ('mm',)
     candidates = {}

@@ -194,12 +194,13 @@ def reuse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     """
     N = q.shape[-1]
     if impl == 'auto':
-        from . import gpu_kernels
+        impl = 'eager'  # UniForm's own 7x7 windows always end here, before any of the checks below
+        if N >= TILED_MIN_N and not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (q, k, v, bias))):
+            from . import gpu_kernels
 
-        no_grad = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)))
-        tiled_ok = N >= TILED_MIN_N and no_grad and (
-            q.device.type == 'cpu' or (N >= gpu_kernels.TRITON_MIN_N and gpu_kernels.usable(q, k, v, bias)))
-        impl = 'tiled' if tiled_ok else 'eager'
+            if q.device.type == 'cpu' or gpu_kernels.usable(q, k, v, bias):
+                impl = 'tiled'
     if impl == 'tiled':
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
             raise ValueError("reuse attention impl 'tiled' is inference-only (it writes into buffers); use 'eager'")

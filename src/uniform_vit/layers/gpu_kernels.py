@@ -7,12 +7,13 @@ blocking PyTorch's flash attention uses for multi-head attention, but with one m
 exponentials and logit products, and a value product as wide as all heads together, which keeps the matrix units
 busier than flash attention's h narrow ones (d = C/h, 16-64 here).
 
-Why it exists: on a GPU, ``reuse_attention``'s other paths lose to PyTorch's flash kernel at large N. 'eager' writes
-and reads the whole (B, N, N) map; 'sdpa' cannot use the flash kernel at all (the value is 4x wider than q/k, which
-flash attention does not allow) and falls back to a slower one. Used by ``reuse_attention`` ('auto' from
-``TRITON_MIN_N`` tokens and 'tiled', both inference-only) on CUDA tensors where Triton is installed (it comes with
-the CUDA builds of PyTorch on Linux). Traces, ``torch.compile`` and ONNX exports never record it.
-``UNIFORM_VIT_GPU_KERNELS=0`` turns it off. Measured: benchmarks/RESULTS.md (GPU section).
+Why it exists: ``reuse_attention``'s other paths cannot match a fused kernel on a GPU at large N. 'eager' writes and
+reads the whole (B, N, N) map; 'sdpa' cannot use the flash kernel at all (the value is 4x wider than q/k, which flash
+attention does not allow) and gets a slower SDPA kernel. Used by ``reuse_attention`` ('auto' from
+``attention.TILED_MIN_N`` tokens, and 'tiled'; inference only) on CUDA tensors where Triton is installed (it comes
+with the CUDA builds of PyTorch on Linux). Traces, ``torch.compile`` and ONNX exports never record it.
+``UNIFORM_VIT_GPU_KERNELS=0`` turns it off. **Not yet timed on a GPU** (benchmarks/RESULTS.md, section 1, session 16):
+``benchmarks/scripts/gpu_session.sh`` is the prepared run, against flash attention.
 
 Numbers: fp16/bf16 inputs accumulate in fp32 (as flash attention does); fp32 inputs are multiplied in full fp32
 (``input_precision='ieee'``), not tf32, so they match the eager path to float rounding. The tests run the kernel in
@@ -28,7 +29,6 @@ import warnings
 import torch
 
 ENV = 'UNIFORM_VIT_GPU_KERNELS'
-TRITON_MIN_N = 512  # below this 'auto' keeps the eager path (small windows: UniForm's 7x7 ones never get here)
 _broken = ''  # why the kernel failed to compile or run in this process ('' while it works): then it stays off
 
 
@@ -225,5 +225,5 @@ def reuse_core_or_none(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
         return None
 
 
-__all__ = ['ENV', 'TRITON_MIN_N', 'default_config', 'enabled', 'reuse_core', 'reuse_core_or_none', 'status',
+__all__ = ['ENV', 'default_config', 'enabled', 'reuse_core', 'reuse_core_or_none', 'status',
            'usable']
