@@ -32,9 +32,14 @@ _loaded: bool | None = None  # None: not tried yet in this process
 _reason = ''
 
 
+def switched_on(env: str) -> bool:
+    """The kernels' off switches: False when the variable ``env`` is 0 / false / no / off (unset: on)."""
+    return os.environ.get(env, '1').strip().lower() not in ('0', 'false', 'no', 'off')
+
+
 def enabled() -> bool:
     """False when ``UNIFORM_VIT_CPU_KERNELS`` is 0 / false / no / off."""
-    return os.environ.get(ENV, '1').strip().lower() not in ('0', 'false', 'no', 'off')
+    return switched_on(ENV)
 
 
 def status() -> str:

@@ -33,8 +33,10 @@ _broken = ''  # why the kernel failed to compile or run in this process ('' whil
 
 
 def enabled() -> bool:
-    """False when ``UNIFORM_VIT_GPU_KERNELS`` is 0 / false / no / off."""
-    return os.environ.get(ENV, '1').strip().lower() not in ('0', 'false', 'no', 'off')
+    """False when ``UNIFORM_VIT_GPU_KERNELS`` is 0 / false / no / off (the same switch as the C++ kernel's)."""
+    from .cpu_kernels import switched_on
+
+    return switched_on(ENV)
 
 
 @functools.cache
