@@ -157,7 +157,7 @@ def test_bench_json_schema_on_tiny_inputs(tmp_path):
                       latency_rounds=1)
     result = run_bench(s)
     assert set(result) == {'environment', 'settings', 'peak', 'rows', 'pairs'}
-    assert {'cpu', 'threads', 'torch', 'timm', 'device', 'malloc'} <= set(result['environment'])
+    assert {'cpu', 'threads', 'torch', 'timm', 'device', 'malloc', 'cpu_kernels'} <= set(result['environment'])
     assert result['settings']['fused'] and result['settings']['backend'] == 'jit' and result['settings']['rewarm'] == 1
     rows = {r['model']: r for r in result['rows']}
     assert set(rows) == {'uniform_t', 'efficientvit_m0'}

@@ -1,5 +1,7 @@
-"""The C++ tiled Reuse core (uniform_vit.layers.cpu_kernels): built where a compiler is, same numbers as eager in
-every layout, used by 'tiled' / 'auto', never recorded by a tracer, and a clean fallback when it cannot be built."""
+"""The C++ CPU kernels (uniform_vit.layers.cpu_kernels): built where a compiler is, a clean fallback when they cannot
+be. The tiled Reuse core: same numbers as eager in every layout, used by 'tiled' / 'auto', never recorded by a
+tracer. The stem conv and the depthwise conv: same numbers as ATen's convs at every size, used by the deploy form,
+recorded by the bench's traces but not by graphs written for other machines."""
 
 from __future__ import annotations
 
@@ -7,12 +9,17 @@ import shutil
 import warnings
 
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 
 import uniform_vit.layers.attention as attention
+import uniform_vit.layers.conv as conv_mod
 from conftest import OpLog
 from uniform_vit.layers import cpu_kernels
 from uniform_vit.layers.attention import reuse_attention
+from uniform_vit.layers.conv import DepthwiseConv2d, SameConv2d, aten_only, make_conv
+from uniform_vit.layers.fuse import reparameterize
 
 HAS_TOOLS = bool(shutil.which('c++') or shutil.which('g++')) and bool(shutil.which('ninja'))
 ISA_OK = torch.backends.cpu.get_cpu_capability() in ('AVX512', 'AVX2')
@@ -30,6 +37,19 @@ def _inputs(layout: str, b: int, n: int, c: int, g: torch.Generator):
     return qk[:, :cq], qk[:, cq:], torch.randn(b, c, n, generator=g)
 
 
+def _one_and_two_threads(fn):
+    """fn() with 1 thread, then with 2 (the ops spread their work over torch's threads: the numbers must not move)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(2)
+        two = fn()
+    finally:
+        torch.set_num_threads(before)
+    return one, two
+
+
 @pytest.fixture
 def kernel():
     op = cpu_kernels.reuse_core()  # builds it on first use in this process
@@ -42,6 +62,8 @@ def test_kernel_builds_here():
     # CI has the tools: a failed build must fail a test, not silently fall back
     assert cpu_kernels.status() == 'on'
     assert cpu_kernels.reuse_core() is torch.ops.uniform_vit.reuse_core
+    assert cpu_kernels.stem_conv() is torch.ops.uniform_vit.stem_conv
+    assert cpu_kernels.depthwise_conv() is torch.ops.uniform_vit.depthwise_conv
 
 
 @needs_kernel
@@ -69,14 +91,7 @@ def test_kernel_matches_eager(layout, n, c, with_bias, kernel):
 def test_kernel_threads_give_the_same_numbers(kernel):
     g = torch.Generator().manual_seed(0)
     q, k, v = _inputs('token-major', 1, 700, 64, g)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = kernel(q, k, v, None, 0.25)
-        torch.set_num_threads(2)
-        two = kernel(q, k, v, None, 0.25)
-    finally:
-        torch.set_num_threads(before)
+    one, two = _one_and_two_threads(lambda: kernel(q, k, v, None, 0.25))
     assert torch.equal(one, two)  # tiles are independent: each thread owns its slice of the map
 
 
@@ -144,6 +159,194 @@ def test_traced_code_does_not_record_the_kernel(kernel):
     assert torch.allclose(fn(q, k, v), reuse_attention(q, k, v, None, 0.3, 'eager'), atol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the stem's first conv + ReLU
+
+
+@pytest.fixture
+def stem_op():
+    op = cpu_kernels.stem_conv()  # builds the library on first use in this process
+    assert op is not None, cpu_kernels.status()
+    return op
+
+
+@needs_kernel
+@pytest.mark.parametrize('cout', cpu_kernels.STEM_CHANNELS)
+@pytest.mark.parametrize('cin,h,w', [(3, 40, 38), (1, 29, 33), (3, 1, 1), (2, 2, 35), (3, 7, 2)])  # odd/even, tiny
+@pytest.mark.parametrize('relu', [True, False])
+def test_stem_conv_matches_aten(cout, cin, h, w, relu, stem_op):
+    g = torch.Generator().manual_seed(cout * 100 + h + w)
+    x = torch.randn(3, cin, h, w, generator=g)
+    wt = torch.randn(cout, cin, 3, 3, generator=g)
+    b = torch.randn(cout, generator=g)
+    ref = F.conv2d(x, wt, b, stride=2, padding=1)
+    ref = ref.relu() if relu else ref
+    out = stem_op(x, wt, b, relu)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    # any input layout: a channels-last image and a batch slice give the same numbers
+    assert torch.equal(stem_op(x.contiguous(memory_format=torch.channels_last), wt, b, relu),
+                       out)
+    assert torch.equal(stem_op(x[1:], wt, b, relu), out[1:])
+
+
+@needs_kernel
+def test_stem_conv_threads_give_the_same_numbers(stem_op):
+    g = torch.Generator().manual_seed(5)
+    x, wt, b = torch.randn(2, 3, 64, 64, generator=g), torch.randn(16, 3, 3, 3, generator=g), torch.randn(16)
+    one, two = _one_and_two_threads(lambda: stem_op(x, wt, b, True))
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_stem_conv_rejects_bad_inputs(stem_op):
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(RuntimeError, match='8, 16 or 24 output channels'):
+        stem_op(x, torch.randn(12, 3, 3, 3), torch.randn(12), True)
+    with pytest.raises(RuntimeError, match='do not fit an input of 3 channels'):
+        stem_op(x, torch.randn(8, 1, 3, 3), torch.randn(8), True)
+    with pytest.raises(RuntimeError, match='float32'):
+        stem_op(x.double(), torch.randn(8, 3, 3, 3).double(), torch.randn(8).double(), True)
+
+
+@needs_kernel
+def test_stem_conv_flops_are_counted(stem_op):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, wt, b = torch.randn(2, 3, 33, 40), torch.randn(8, 3, 3, 3), torch.randn(8)
+    with FlopCounterMode(display=False) as fc:
+        stem_op(x, wt, b, True)
+    assert fc.get_total_flops() == 2 * 2 * 17 * 20 * 8 * 3 * 9
+
+
+@needs_kernel
+@pytest.mark.parametrize('name,in_chans', [('uniform_t', 3), ('uniform_s', 1)])
+def test_deploy_stem_uses_the_kernel_where_it_may(name, in_chans, stem_op):
+    model = timm.create_model(name, in_chans=in_chans, num_classes=10).eval()
+    for m in model.modules():  # trained-looking statistics, so that the check is not on near-zero outputs
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    deploy = reparameterize(model)
+    stem = deploy.patch_embed
+    x = torch.randn(3, in_chans, 64, 72)
+    with torch.no_grad():
+        ref = model(x)
+        with OpLog() as log:
+            out = deploy(x)
+        assert log.ops.count('uniform_vit.stem_conv') == 2  # the batch goes through in two chunks
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+        stem.stem_kernel = False
+        with OpLog() as log:
+            aten = deploy(x)
+        assert 'uniform_vit.stem_conv' not in log.ops and torch.allclose(out, aten, atol=1e-5, rtol=1e-5)
+        stem.stem_kernel = True
+        # the bench's trace runs it; a trace for other machines (TorchScript export) holds ATen ops only
+        traced = torch.jit.trace(deploy, x, check_trace=False)
+        assert 'uniform_vit::stem_conv' in str(traced.inlined_graph) and torch.equal(traced(x), out)
+        with aten_only():
+            portable = torch.jit.trace(deploy, x, check_trace=False)
+        assert 'uniform_vit::stem_conv' not in str(portable.inlined_graph)
+        assert torch.allclose(portable(x), out, atol=1e-5, rtol=1e-5)
+    x.requires_grad_(True)  # a gradient is needed: the op has no backward, so ATen's conv runs
+    with OpLog() as log:
+        deploy(x).sum().backward()
+    assert 'uniform_vit.stem_conv' not in log.ops and x.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# depthwise convs
+
+
+@pytest.fixture
+def dw_op():
+    op = cpu_kernels.depthwise_conv()
+    assert op is not None, cpu_kernels.status()
+    return op
+
+
+@needs_kernel
+@pytest.mark.parametrize('c', [1, 5, 8, 16, 24, 60, 64, 72, 130])  # every channel block (64/32/16/8) and masked tails
+@pytest.mark.parametrize('k,stride', [(3, 1), (5, 1), (7, 1), (3, 2)])
+def test_depthwise_conv_matches_aten(c, k, stride, dw_op):
+    g = torch.Generator().manual_seed(c * 10 + k + stride)
+    w, b = torch.randn(c, 1, k, k, generator=g), torch.randn(c, generator=g)
+    for h, wd in [(7, 7), (14, 9), (2, 3), (1, 1), (4, 4)]:  # maps smaller than the kernel too
+        x = torch.randn(2, c, h, wd, generator=g).contiguous(memory_format=torch.channels_last)
+        ref = F.conv2d(x, w, b, stride, k // 2, 1, c)
+        out = dw_op(x, w, b, stride)
+        assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (h, wd)
+    assert torch.allclose(dw_op(x, w, None, stride), F.conv2d(x, w, None, stride, k // 2, 1, c), atol=1e-5)
+    assert torch.equal(dw_op(x.contiguous(), w, b, stride), out)  # an NCHW input is read through a copy
+
+
+@needs_kernel
+def test_depthwise_conv_threads_give_the_same_numbers(dw_op):
+    x = torch.randn(4, 72, 14, 14).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(72, 1, 7, 7), torch.randn(72)
+    one, two = _one_and_two_threads(lambda: dw_op(x, w, b, 1))
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_depthwise_conv_rejects_bad_inputs(dw_op):
+    x = torch.randn(1, 8, 7, 7)
+    with pytest.raises(RuntimeError, match='odd k'):
+        dw_op(x, torch.randn(8, 1, 4, 4), None, 1)
+    with pytest.raises(RuntimeError, match=r'is not \(C, 1, k, k\)'):
+        dw_op(x, torch.randn(4, 1, 3, 3), None, 1)
+    with pytest.raises(RuntimeError, match='float32'):
+        dw_op(x.double(), torch.randn(8, 1, 3, 3).double(), None, 1)
+    with pytest.raises(RuntimeError, match='stride must be positive'):
+        dw_op(x, torch.randn(8, 1, 3, 3), None, 0)
+    with pytest.raises(RuntimeError, match='bias'):
+        dw_op(x, torch.randn(8, 1, 3, 3), torch.randn(5), 1)
+
+
+@needs_kernel
+def test_depthwise_conv_flops_are_counted(dw_op):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 16, 9, 8).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as fc:
+        dw_op(x, torch.randn(16, 1, 3, 3), torch.randn(16), 2)
+    assert fc.get_total_flops() == 2 * 2 * 16 * 5 * 4 * 9
+
+
+@needs_kernel
+def test_depthwise_module_uses_the_kernel_where_it_may(monkeypatch, dw_op):
+    assert type(make_conv(32, 32, 3, 2, 1, groups=32)) is DepthwiseConv2d
+    assert type(make_conv(32, 32, 7, 1, 3, groups=32)) is DepthwiseConv2d
+    assert type(make_conv(32, 32, 3, 1, 1)) is SameConv2d  # not depthwise
+    for stride in (1, 2):
+        m = make_conv(24, 24, 7, stride, 3, groups=24).eval()
+        x = torch.randn(2, 24, 3, 5).contiguous(memory_format=torch.channels_last)  # smaller than the kernel
+        ref = F.conv2d(x, m.weight, m.bias, stride, 3, 1, 24)
+        with torch.no_grad():
+            with OpLog() as log:
+                out = m(x)
+            assert log.ops == ['uniform_vit.depthwise_conv'] and torch.allclose(out, ref, atol=1e-5)
+            with OpLog() as log:  # NCHW maps keep ATen's conv
+                assert torch.allclose(m(x.contiguous()), ref, atol=1e-5)
+            assert 'uniform_vit.depthwise_conv' not in log.ops
+            traced = torch.jit.trace(m, x, check_trace=False)
+            assert 'uniform_vit::depthwise_conv' in str(traced.inlined_graph)
+            with aten_only():
+                portable = torch.jit.trace(m, x, check_trace=False)
+            assert 'uniform_vit::depthwise_conv' not in str(portable.inlined_graph)
+            assert torch.allclose(portable(x), ref, atol=1e-5)
+        with OpLog() as log:  # a gradient is needed: ATen's conv
+            m(x).sum().backward()
+        assert 'uniform_vit.depthwise_conv' not in log.ops and m.weight.grad is not None
+        monkeypatch.setattr(conv_mod, 'DEPTHWISE_KERNEL', False)  # the A/B switch of benchmarks/scripts
+        with torch.no_grad(), OpLog() as log:
+            assert torch.allclose(m(x), ref, atol=1e-5)
+        assert 'uniform_vit.depthwise_conv' not in log.ops
+        monkeypatch.setattr(conv_mod, 'DEPTHWISE_KERNEL', True)
+
+
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
     import torch.utils.cpp_extension as ext
 
@@ -158,6 +361,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # once: later calls neither rebuild nor warn again
         assert cpu_kernels.reuse_core() is None
+        assert cpu_kernels.stem_conv() is None and cpu_kernels.depthwise_conv() is None
     assert cpu_kernels.status().startswith('off (build failed: RuntimeError')
     q, k, v = _inputs('token-major', 1, 600, 32, torch.Generator().manual_seed(4))
     out = reuse_attention(q, k, v, None, 0.3, 'tiled')  # the ATen path
@@ -168,5 +372,5 @@ def test_no_kernel_for_other_isas(monkeypatch):
     for isa in ('DEFAULT', 'ZVECTOR'):  # no x86 vector unit: PyTorch's scalar or s390x code
         monkeypatch.setattr(cpu_kernels, '_loaded', None)
         monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda isa=isa: isa)
-        assert cpu_kernels.reuse_core() is None
+        assert cpu_kernels.reuse_core() is None and cpu_kernels.stem_conv() is None
         assert cpu_kernels.status() == f'off (no kernel for the {isa} vector ISA)'

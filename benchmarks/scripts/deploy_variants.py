@@ -23,6 +23,9 @@ floor of the run); every copy carries the same weights, and the script checks th
 * ``stem-contiguous``: the image turned channels-last by ``contiguous()`` instead of stacking its planes.
 * ``stem-nchw-wcl``: the first stem conv on the NCHW image with a channels-last weight (no separate copy).
 * ``pm-chunks2``, ``pm-chunks4``: patch merging's expansion and depthwise conv in 2 / 4 batch chunks.
+* ``stem-aten``: the stem's first conv and ReLU as ATen ops on a channels-last copy of the image (the deploy form
+  before session 17) instead of the C++ ``stem_conv`` op. A speed-up below 1 is what the kernel buys.
+* ``dw-aten``: every depthwise conv through ATen (oneDNN) instead of the C++ ``depthwise_conv`` op (session 17).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 import uniform_vit  # noqa: F401  (registers uniform_*)
 from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio
-from uniform_vit.layers.conv import FFN, PointwiseConv2d, Residual
+from uniform_vit.layers.conv import FFN, DepthwiseConv2d, PointwiseConv2d, Residual, SameConv2d
 from uniform_vit.layers.fuse import reparameterize
 from uniform_vit.models.uniform import DeployStem, PatchMerging, _to_channels_last
 from uniform_vit.utils.malloc import tune_allocator
@@ -146,6 +149,10 @@ def _stem_nchw_wcl(self: DeployStem, x: torch.Tensor) -> torch.Tensor:
     return _in_parts(self, x, lambda p: tail(F.conv2d(p, w, c0.bias, c0.stride, c0.padding)))
 
 
+def _dw_aten(self: DepthwiseConv2d, x: torch.Tensor) -> torch.Tensor:
+    return SameConv2d.forward(self, x) if self.stride == (1, 1) else nn.Conv2d.forward(self, x)
+
+
 def _pm_chunks(k: int):
     def forward(self: PatchMerging, x: torch.Tensor) -> torch.Tensor:
         h = torch.cat([self.act2(self.conv2(self.act1(self.conv1(p)))) for p in x.tensor_split(k)])
@@ -194,13 +201,20 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         for m in model.modules():
             if isinstance(m, PatchMerging):
                 m.forward = types.MethodType(_pm_chunks(int(variant[-1])), m)
+    elif variant == 'stem-aten':
+        stem.stem_kernel = False
+    elif variant == 'dw-aten':
+        for m in model.modules():
+            if isinstance(m, DepthwiseConv2d):
+                m.forward = types.MethodType(_dw_aten, m)
     else:
         raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
     return model
 
 
 VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'stem-one-transpose', 'conv1x1', 'mkl1x1',
-            'linear-relu', 'linear-relu-add', 'stem-contiguous', 'stem-nchw-wcl', 'pm-chunks2', 'pm-chunks4')
+            'linear-relu', 'linear-relu-add', 'stem-contiguous', 'stem-nchw-wcl', 'pm-chunks2', 'pm-chunks4',
+            'stem-aten', 'dw-aten')
 
 
 def main() -> None:

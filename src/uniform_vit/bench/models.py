@@ -362,6 +362,11 @@ def combine_runs(results: list[dict]) -> dict:
 
 def _run(s: BenchSettings, progress: Callable[[str, int, int], None]) -> dict:
     env = environment(s.device, s.threads)
+    if s.device == 'cpu':  # the C++ kernels (UniForm's deploy stem uses one): built now, once per machine
+        from ..layers.cpu_kernels import status
+
+        progress('C++ CPU kernels', 0, len(s.models))
+        env['cpu_kernels'] = status()
     prepared: list[Prepared] = []
     with tempfile.TemporaryDirectory(prefix='uniform-vit-bench-') as workdir:
         for i, name in enumerate(s.models):
@@ -453,7 +458,8 @@ def banner(result: dict) -> str:
     # int8: onnxruntime's QDQ graph; its GFLOP/s and % peak stay nominal FLOPs against the fp32 matmul probe
     prec = 'AMP fp16' if s['amp'] else 'int8 (% of the fp32 peak)' if s['int8'] else 'fp32'
     return (f"uniform-vit bench: {dev} ({e['cpu_capability']}), {s['threads']} thread(s) of {e['logical_cpus']}, "
-            f"torch {e['torch']}, timm {e['timm']}, malloc {e.get('malloc', 'default')}\n"
+            f"torch {e['torch']}, timm {e['timm']}, malloc {e.get('malloc', 'default')}"
+            f"{', C++ kernels ' + e['cpu_kernels'] if 'cpu_kernels' in e else ''}\n"
             f"  set '{s['model_set']}' ({len(s['models'])} models), "
             f"backend {s['backend']}{'-int8' if s['int8'] else ''}"
             f", {'fused deploy form' if s['fused'] else 'UNFUSED'}, {prec}, batch {s['batch_size']}"

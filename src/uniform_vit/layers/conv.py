@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
+from . import cpu_kernels
 from .fuse import fuse_children
 from .gemm import HAS_ONEDNN_LINEAR  # importing gemm also registers the FLOP formula of oneDNN's linear op
 
@@ -51,18 +52,26 @@ class SameConv2d(nn.Conv2d):
 
 
 ONEDNN_POINTWISE = True  # A/B switch (benchmarks/scripts) and what :func:`aten_only` turns off
+_ATEN_ONLY = False  # inside aten_only()
 
 
 @contextlib.contextmanager
 def aten_only() -> Iterator[None]:
-    """Within the block, :class:`PointwiseConv2d` runs as a plain ``conv2d``: for graphs recorded to run on other
-    machines (a TorchScript file for LibTorch or PyTorch Mobile, whose builds may lack the oneDNN op)."""
-    global ONEDNN_POINTWISE
-    old, ONEDNN_POINTWISE = ONEDNN_POINTWISE, False
+    """Within the block, :class:`PointwiseConv2d` runs as a plain ``conv2d``, and :class:`DepthwiseConv2d` and the
+    deploy stem keep ATen's convs instead of this library's C++ ops: for graphs recorded to run on other machines (a
+    TorchScript file for LibTorch or PyTorch Mobile, whose builds lack this library's ops and may lack oneDNN's)."""
+    global ONEDNN_POINTWISE, _ATEN_ONLY
+    old = ONEDNN_POINTWISE, _ATEN_ONLY
+    ONEDNN_POINTWISE, _ATEN_ONLY = False, True
     try:
         yield
     finally:
-        ONEDNN_POINTWISE = old
+        ONEDNN_POINTWISE, _ATEN_ONLY = old
+
+
+def aten_ops_only() -> bool:
+    """True inside :func:`aten_only`."""
+    return _ATEN_ONLY
 
 
 def _pointwise_onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -113,17 +122,51 @@ class PointwiseConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+DEPTHWISE_KERNEL = True  # A/B switch (benchmarks/scripts): DepthwiseConv2d's C++ op where it is built
+
+
+class DepthwiseConv2d(SameConv2d):
+    """Depthwise conv (one group per channel) with an odd square kernel, 'same' padding k // 2 and stride 1 or 2.
+
+    On channels-last float32 CPU maps without gradients it runs as this library's C++ op (``depthwise_conv``,
+    :mod:`uniform_vit.layers.cpu_kernels`): oneDNN ran UniForm's depthwise convs, a few MFLOP over maps of a few
+    hundred KB each, at 3-8 GB/s on an AVX2 CPU; the op sums only the taps inside the map, 8 channels per vector,
+    1.3-2.1x faster per conv, the fused, traced uniform_t about 1.05x (benchmarks/RESULTS.md, section 1, session 17).
+    Elsewhere (no kernel, NCHW maps, training, ``torch.compile``/``torch.export``/ONNX, :func:`aten_only`) it is
+    :class:`SameConv2d` at stride 1 and a plain conv at stride 2. Same weights, keys and outputs (to rounding)."""
+
+    def _kernel_op(self, x: torch.Tensor):
+        if not (DEPTHWISE_KERNEL and x.device.type == 'cpu' and x.dim() == 4 and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+                and self.dilation == (1, 1) and self.padding_mode == 'zeros'
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and not _ATEN_ONLY and not torch.is_autocast_enabled('cpu')):
+            return None
+        return cpu_kernels.depthwise_conv()  # None inside torch.compile / ONNX export, or without the kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = self._kernel_op(x)
+        if op is not None:
+            return op(x, self.weight, self.bias, self.stride[0])
+        if self.stride == (1, 1):
+            return super().forward(x)
+        return nn.Conv2d.forward(self, x)
+
+
 def make_conv(in_chs: int, out_chs: int, kernel_size: int | tuple, stride: int | tuple = 1, padding: int | tuple = 0,
               groups: int = 1, bias: bool = True, **kwargs) -> nn.Conv2d:
-    """nn.Conv2d, or :class:`SameConv2d` for stride-1 odd kernels with 'same' padding, or :class:`PointwiseConv2d`
-    for plain 1x1 convs (identical outputs)."""
+    """nn.Conv2d, or :class:`SameConv2d` for stride-1 odd kernels with 'same' padding, :class:`DepthwiseConv2d` for
+    depthwise ones (stride 1 or 2), or :class:`PointwiseConv2d` for plain 1x1 convs (identical outputs)."""
     k = nn.modules.utils._pair(kernel_size)
-    unit = nn.modules.utils._pair(stride) == (1, 1)
+    s = nn.modules.utils._pair(stride)
+    unit = s == (1, 1)
     if k == (1, 1) and unit and nn.modules.utils._pair(padding) == (0, 0) and groups == 1:
         return PointwiseConv2d(in_chs, out_chs, bias=bias, **kwargs)
-    same = unit and nn.modules.utils._pair(padding) == (k[0] // 2, k[1] // 2) \
-        and k[0] % 2 == 1 and k[1] % 2 == 1 and max(k) > 1
-    cls = SameConv2d if same else nn.Conv2d
+    odd_same = nn.modules.utils._pair(padding) == (k[0] // 2, k[1] // 2) and k[0] % 2 == 1 and k[1] % 2 == 1 \
+        and max(k) > 1
+    if odd_same and k[0] == k[1] and s in ((1, 1), (2, 2)) and groups == in_chs == out_chs > 1:
+        return DepthwiseConv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias, **kwargs)
+    cls = SameConv2d if odd_same and unit else nn.Conv2d
     return cls(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias, **kwargs)
 
 

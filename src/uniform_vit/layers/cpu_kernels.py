@@ -1,17 +1,21 @@
-"""Optional C++ kernel for x86 CPUs: the query-tiled Reuse Attention core in one op (``csrc/reuse_core.cpp``).
+"""Optional C++ kernels for x86 CPUs, one library (``csrc/``): the query-tiled Reuse Attention core in one op
+(``reuse_core.cpp``), the stem's first conv + ReLU, read from NCHW and written channels-last (``stem_conv.cpp``),
+and depthwise convs on channels-last maps (``depthwise_conv.cpp``).
 
 It is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja: the tools ``torch.compile``
 needs on CPU too; ninja comes with this package), for CPUs where PyTorch itself dispatches to AVX-512 or AVX2, in
 about 15-30 s, and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
-Elsewhere, or where the build fails (a warning says why, once), :func:`reuse_core` returns None and the tiled core
-keeps its ATen products. ``UNIFORM_VIT_CPU_KERNELS=0`` turns the kernel off (A/B runs, or to skip the build). Why a
-kernel at all: benchmarks/RESULTS.md, section 1, session 14."""
+Elsewhere, or where the build fails (a warning says why, once), :func:`reuse_core`, :func:`stem_conv` and
+:func:`depthwise_conv` return None and their callers keep ATen ops. ``UNIFORM_VIT_CPU_KERNELS=0`` turns the
+kernels off (A/B runs, or to skip the build). Why kernels at all: benchmarks/RESULTS.md, section 1, sessions 14
+and 17."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +23,8 @@ from pathlib import Path
 import torch
 
 ENV = 'UNIFORM_VIT_CPU_KERNELS'
-SOURCE = Path(__file__).with_name('csrc') / 'reuse_core.cpp'
+SOURCES = tuple(Path(__file__).with_name('csrc') / f for f in ('reuse_core.cpp', 'stem_conv.cpp', 'depthwise_conv.cpp'))
+OPS = ('reuse_core', 'stem_conv', 'depthwise_conv')
 # the vector ISA PyTorch reports -> ATen's build macro and the compiler flags (as inductor builds its CPU code). The
 # kernel's register blocking follows the ISA (24 accumulators in AVX-512's 32 registers, 12 in AVX2's 16): built with
 # the AVX-512 blocking for AVX2, it spilled and ran at 0.60-0.98x the ATen path (session 14); with its own blocking
@@ -65,32 +70,59 @@ def _load() -> bool:
 
         # OpenMP as ATen's own parallel_for uses it (without it the tiles of at::parallel_for run on one thread);
         # the library links libgomp.so.1, the one torch has loaded already
-        load(name=f'uniform_vit_reuse_core_{isa.lower()}', sources=[str(SOURCE)],
+        name = f'uniform_vit_kernels_{isa.lower()}'
+        _announce_build(name)
+        load(name=name, sources=[str(f) for f in SOURCES],
              extra_cflags=['-O3', '-fopenmp', *_ISA_FLAGS[isa]], extra_ldflags=['-fopenmp'], is_python_module=False,
              verbose=False)
-        _loaded = hasattr(torch.ops.uniform_vit, 'reuse_core')
-        _reason = '' if _loaded else 'the built library registered no reuse_core'
+        missing = [op for op in OPS if not hasattr(torch.ops.uniform_vit, op)]
+        _loaded = not missing
+        _reason = f"the built library registered no {', '.join(missing)}" if missing else ''
         if _loaded:
-            _register_flop_formula()
+            _register_flop_formulas()
     except Exception as e:  # no compiler, no ninja, a read-only cache: the ATen path still works
         lines = str(e).strip().splitlines()
         _reason = f'build failed: {type(e).__name__}' + (f': {lines[-1][:200]}' if lines else '')
-        warnings.warn(f'uniform_vit: the C++ Reuse Attention kernel is not available ({_reason}); using ATen '
-                      f'products (set {ENV}=0 to skip the build)', RuntimeWarning, stacklevel=3)
+        warnings.warn(f'uniform_vit: the C++ CPU kernels are not available ({_reason}); using ATen ops '
+                      f'(set {ENV}=0 to skip the build)', RuntimeWarning, stacklevel=3)
     return _loaded
 
 
-def _register_flop_formula() -> None:
-    """Teach ``torch.utils.flop_counter`` the op, or FLOP counts at large N would miss the attention core: the
-    logits (2 N^2 Cq per image) and the value product (2 N^2 C)."""
+def _announce_build(name: str) -> None:
+    """Say so on stderr before a first build: since the deploy stem uses a kernel, the first CPU inference on a new
+    machine (``predict``, the bench) would otherwise pause for 15-30 s without a word."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        built = (Path(_get_build_directory(name, False)) / f'{name}.so').exists()
+    except Exception:  # a private helper of torch: without it, no message
+        return
+    if not built:
+        print(f'uniform_vit: compiling the C++ CPU kernels once for this machine (15-30 s; {ENV}=0 skips it)',
+              file=sys.stderr, flush=True)
+
+
+def _register_flop_formulas() -> None:
+    """Teach ``torch.utils.flop_counter`` the ops, or FLOP counts would miss them: the attention core's logits
+    (2 N^2 Cq per image) and value product (2 N^2 C), the stem conv's 2 Cin 9 Cout per output pixel."""
     from torch.utils.flop_counter import register_flop_formula
 
-    def flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    def core_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
         b, cq, n = q_shape
         return 2 * b * n * n * (cq + v_shape[1])
 
-    with contextlib.suppress(RuntimeError, ValueError):  # registered already (a re-imported module)
-        register_flop_formula(torch.ops.uniform_vit.reuse_core)(flops)
+    def stem_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        b, cin, h, w = x_shape
+        return 2 * b * ((h + 1) // 2) * ((w + 1) // 2) * w_shape[0] * cin * 9
+
+    def depthwise_flops(x_shape, w_shape, b_shape, stride, *args, out_shape=None, **kwargs) -> int:
+        b, c, h, w = x_shape  # every tap of every output, as the flop counter counts ATen's convolutions
+        return 2 * b * c * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) * w_shape[2] * w_shape[3]
+
+    ops = torch.ops.uniform_vit
+    for op, fn in ((ops.reuse_core, core_flops), (ops.stem_conv, stem_flops), (ops.depthwise_conv, depthwise_flops)):
+        with contextlib.suppress(RuntimeError, ValueError):  # registered already (a re-imported module)
+            register_flop_formula(op)(fn)
 
 
 def reuse_core() -> Callable[..., torch.Tensor] | None:
@@ -101,3 +133,29 @@ def reuse_core() -> Callable[..., torch.Tensor] | None:
     if not enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
         return None
     return torch.ops.uniform_vit.reuse_core if _load() else None
+
+
+STEM_CHANNELS = (8, 16, 24)  # the output widths stem_conv is built for (UniForm's E0 / 8 for E0 = 64, 128, 192)
+
+
+def _recordable_op(name: str) -> Callable[..., torch.Tensor] | None:
+    """An op that ``torch.jit.trace`` may record (the bench's traced models run it in the process that built it;
+    graphs written to files are traced under :func:`uniform_vit.layers.conv.aten_only`, which the callers check).
+    None when the kernels are off or could not be built, and inside ``torch.compile`` or an ONNX export."""
+    if not enabled() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        return None
+    return getattr(torch.ops.uniform_vit, name) if _load() else None
+
+
+def stem_conv() -> Callable[..., torch.Tensor] | None:
+    """``stem_conv(x, w, b, relu)``: ``relu(conv2d(x, w, b, stride=2, padding=1))`` for a float32 CPU image batch
+    ``x`` (B, Cin, H, W) in any layout and a (Cout, Cin, 3, 3) ``w`` with Cout in :data:`STEM_CHANNELS`, returned in
+    channels-last memory; or None (see :func:`_recordable_op`)."""
+    return _recordable_op('stem_conv')
+
+
+def depthwise_conv() -> Callable[..., torch.Tensor] | None:
+    """``depthwise_conv(x, w, b, stride)``: ``conv2d(x, w, b, stride, padding=k // 2, groups=C)`` for a float32 CPU
+    map ``x`` (B, C, H, W) (channels-last is read in place) and a (C, 1, k, k) ``w`` with odd k, ``b`` (C) or None,
+    returned in channels-last memory; or None (see :func:`_recordable_op`)."""
+    return _recordable_op('depthwise_conv')

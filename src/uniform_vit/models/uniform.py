@@ -26,8 +26,9 @@ from timm.layers import SqueezeExcite, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ..layers import cpu_kernels
 from ..layers.attention import WindowAttention, create_attention
-from ..layers.conv import FFN, BNLinear, ConvNorm, Residual
+from ..layers.conv import FFN, BNLinear, ConvNorm, Residual, aten_ops_only
 from ..layers.fuse import fuse_children, fuse_inplace
 
 __all__ = ['UniForm', 'UniFormConfig']
@@ -77,6 +78,12 @@ class DeployStem(nn.Sequential):
     first conv 1.5x), and every deploy block downstream keeps that layout (convs preserve it; attention reads it as
     tokens). Same children and state-dict keys as :class:`Stem`.
 
+    On x86 CPUs where this library's C++ kernels are built (:mod:`uniform_vit.layers.cpu_kernels`), the first conv
+    and its ReLU run as one op that reads the NCHW image and writes the channels-last map (``stem_conv``; 8, 16 or
+    24 output channels, float32, no gradient): oneDNN ran that conv at 8-25 GFLOP/s on an AVX2 CPU, behind a copy of
+    the image to channels-last and ahead of a ReLU pass over the largest map of the network (benchmarks/RESULTS.md,
+    section 1, session 17). ``stem_kernel = False`` (or ``UNIFORM_VIT_CPU_KERNELS=0``) keeps ATen's ops.
+
     On CPU a batch of two or more images goes through in ``chunks`` parts (``Tensor.tensor_split``: a jit trace
     stays valid at every batch size; one traced at batch 1 just never splits): each part's input copy and large early
     feature maps stay in cache for the next conv. Two parts made the fused, traced uniform_t about 3 % and uniform_s
@@ -85,6 +92,29 @@ class DeployStem(nn.Sequential):
     for the smaller batches)."""
 
     chunks = 2
+    stem_kernel = True
+
+    def _first_layer_op(self, x: torch.Tensor):
+        """The C++ first conv + ReLU, or None where it does not apply."""
+        conv = self[0]
+        if not (self.stem_kernel and x.device.type == 'cpu' and x.dtype == torch.float32 and x.dim() == 4
+                and len(self) > 1 and isinstance(self[1], nn.ReLU) and type(conv) is nn.Conv2d
+                and conv.kernel_size == (3, 3) and conv.stride == (2, 2) and conv.padding == (1, 1)
+                and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
+                and conv.out_channels in cpu_kernels.STEM_CHANNELS and conv.weight.dtype == torch.float32
+                and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+                and not aten_ops_only() and not torch.is_autocast_enabled('cpu')):
+            return None
+        return cpu_kernels.stem_conv()
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        op = self._first_layer_op(x)
+        if op is None:
+            return super().forward(_to_channels_last(x))
+        x = op(x, self[0].weight, self[0].bias, True)
+        for m in list(self)[2:]:
+            x = m(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
@@ -92,9 +122,8 @@ class DeployStem(nn.Sequential):
             # nodes, and onnxruntime picks its own blocked conv layout from plain NCHW
             return super().forward(x)
         if self.chunks > 1 and x.device.type == 'cpu' and x.shape[0] > 1:
-            return torch.cat([super(DeployStem, self).forward(_to_channels_last(part))
-                              for part in x.tensor_split(self.chunks)])
-        return super().forward(_to_channels_last(x))
+            return torch.cat([self._run(part) for part in x.tensor_split(self.chunks)])
+        return self._run(x)
 
 
 def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
