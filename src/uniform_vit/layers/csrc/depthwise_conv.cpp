@@ -42,10 +42,11 @@ inline void pixel(const Window& a, const float* bias, float* out, __m256i mask) 
     return (MASKED && r == NV - 1) ? _mm256_maskload_ps(p + 8 * r, mask) : _mm256_loadu_ps(p + 8 * r);
   };
   auto row = [&](int64_t ky, __m256* acc_s) {
-    const float* xr = a.x + ((a.iy0 + ky) * a.W + a.ix0) * a.C;
+    const float* xr = a.x + (a.iy0 + ky) * a.W * a.C;  // input column ix0 + kx is xr + (ix0 + kx) C
     const float* wr = a.w + ky * a.k * a.C;
     for (int64_t kx = a.kx0; kx < a.kx1; ++kx)
-      for (int r = 0; r < NV; ++r) acc_s[r] = _mm256_fmadd_ps(load(xr + kx * a.C, r), load(wr + kx * a.C, r), acc_s[r]);
+      for (int r = 0; r < NV; ++r)
+        acc_s[r] = _mm256_fmadd_ps(load(xr + (a.ix0 + kx) * a.C, r), load(wr + kx * a.C, r), acc_s[r]);
   };
   int64_t ky = a.ky0;
   for (; ky + S <= a.ky1; ky += S) {

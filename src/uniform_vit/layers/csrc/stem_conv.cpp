@@ -46,7 +46,7 @@ inline void run_pixels(const float* x, int64_t cin, int64_t H, int64_t W, const 
     for (int ky = 0; ky < 3; ++ky) {
       const int64_t iy = iy0 + ky;
       if (iy < 0 || iy >= H) continue;
-      const float* row = x + (c * H + iy) * W + ix0;
+      const float* row = x + (c * H + iy) * W;  // input column ix0 + q is row[ix0 + q]
       const float* wk = wt + (c * 3 + ky) * 3 * NV * 8;
       __m256 w0[NV], w1[NV], w2[NV];
       for (int m = 0; m < NV; ++m) {
@@ -58,7 +58,7 @@ inline void run_pixels(const float* x, int64_t cin, int64_t H, int64_t W, const 
 #pragma GCC unroll 32
       for (int q = 0; q < 2 * P + 1; ++q) {
         if (EDGE && (ix0 + q < 0 || ix0 + q >= W)) continue;
-        const __m256 xv = _mm256_broadcast_ss(row + q);
+        const __m256 xv = _mm256_broadcast_ss(row + ix0 + q);
         if (q % 2 == 1) {
           for (int m = 0; m < NV; ++m) acc[(q - 1) / 2][m] = _mm256_fmadd_ps(xv, w1[m], acc[(q - 1) / 2][m]);
         } else {
