@@ -26,6 +26,9 @@ floor of the run); every copy carries the same weights, and the script checks th
 * ``stem-aten``: the stem's first conv and ReLU as ATen ops on a channels-last copy of the image (the deploy form
   before session 17) instead of the C++ ``stem_conv`` op. A speed-up below 1 is what the kernel buys.
 * ``dw-aten``: every depthwise conv through ATen (oneDNN) instead of the C++ ``depthwise_conv`` op (session 17).
+* ``prepacked1x1``: every 1x1 conv's oneDNN matmul on a weight reordered once into oneDNN's blocked layout
+  (``mkldnn._reorder_linear_weight``, kept as an mkldnn buffer, which a trace accepts) instead of the plain (O, C)
+  weight that the matmul packs again on every call (session 17).
 """
 
 from __future__ import annotations
@@ -153,6 +156,23 @@ def _dw_aten(self: DepthwiseConv2d, x: torch.Tensor) -> torch.Tensor:
     return SameConv2d.forward(self, x) if self.stride == (1, 1) else nn.Conv2d.forward(self, x)
 
 
+@torch.jit.script
+def linear_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    none: Scalars = []
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, 'none', none, '')
+
+
+def _prepacked_1x1(self: PointwiseConv2d, x: torch.Tensor) -> torch.Tensor:
+    if not self._onednn_ok(x):
+        return nn.Conv2d.forward(self, x)
+    B, C, H, W = x.shape
+    if not hasattr(self, 'packed'):  # the first (eager) call packs for its row count; the trace keeps the buffer
+        self.register_buffer('packed', torch.ops.mkldnn._reorder_linear_weight(_w2d(self).detach(), B * H * W),
+                             persistent=False)
+    y = linear_packed(x.permute(0, 2, 3, 1).reshape(B * H * W, C), self.packed, self.bias)
+    return y.view(B, H, W, -1).permute(0, 3, 1, 2)
+
+
 def _pm_chunks(k: int):
     def forward(self: PatchMerging, x: torch.Tensor) -> torch.Tensor:
         h = torch.cat([self.act2(self.conv2(self.act1(self.conv1(p)))) for p in x.tensor_split(k)])
@@ -203,6 +223,10 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
                 m.forward = types.MethodType(_pm_chunks(int(variant[-1])), m)
     elif variant == 'stem-aten':
         stem.stem_kernel = False
+    elif variant == 'prepacked1x1':
+        for m in model.modules():
+            if isinstance(m, PointwiseConv2d):
+                m.forward = types.MethodType(_prepacked_1x1, m)
     elif variant == 'dw-aten':
         for m in model.modules():
             if isinstance(m, DepthwiseConv2d):
@@ -214,7 +238,7 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
 
 VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'stem-one-transpose', 'conv1x1', 'mkl1x1',
             'linear-relu', 'linear-relu-add', 'stem-contiguous', 'stem-nchw-wcl', 'pm-chunks2', 'pm-chunks4',
-            'stem-aten', 'dw-aten')
+            'stem-aten', 'dw-aten', 'prepacked1x1')
 
 
 def main() -> None:
