@@ -18,7 +18,7 @@ import uniform_vit.layers.conv as conv_mod
 from conftest import OpLog
 from uniform_vit.layers import cpu_kernels
 from uniform_vit.layers.attention import reuse_attention
-from uniform_vit.layers.conv import DepthwiseConv2d, SameConv2d, aten_only, make_conv
+from uniform_vit.layers.conv import FFN, DepthwiseConv2d, Residual, ResidualFFN, SameConv2d, aten_only, make_conv
 from uniform_vit.layers.fuse import reparameterize
 
 HAS_TOOLS = bool(shutil.which('c++') or shutil.which('g++')) and bool(shutil.which('ninja'))
@@ -64,6 +64,7 @@ def test_kernel_builds_here():
     assert cpu_kernels.reuse_core() is torch.ops.uniform_vit.reuse_core
     assert cpu_kernels.stem_conv() is torch.ops.uniform_vit.stem_conv
     assert cpu_kernels.depthwise_conv() is torch.ops.uniform_vit.depthwise_conv
+    assert cpu_kernels.residual_ffn() is torch.ops.uniform_vit.residual_ffn
 
 
 @needs_kernel
@@ -222,12 +223,7 @@ def test_stem_conv_flops_are_counted(stem_op):
 @needs_kernel
 @pytest.mark.parametrize('name,in_chans', [('uniform_t', 3), ('uniform_s', 1)])
 def test_deploy_stem_uses_the_kernel_where_it_may(name, in_chans, stem_op):
-    model = timm.create_model(name, in_chans=in_chans, num_classes=10).eval()
-    for m in model.modules():  # trained-looking statistics, so that the check is not on near-zero outputs
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
+    model = _trained_looking(timm.create_model(name, in_chans=in_chans, num_classes=10).eval())
     deploy = reparameterize(model)
     stem = deploy.patch_embed
     x = torch.randn(3, in_chans, 64, 72)
@@ -243,12 +239,8 @@ def test_deploy_stem_uses_the_kernel_where_it_may(name, in_chans, stem_op):
         assert 'uniform_vit.stem_conv' not in log.ops and torch.allclose(out, aten, atol=1e-5, rtol=1e-5)
         stem.stem_kernel = True
         # the bench's trace runs it; a trace for other machines (TorchScript export) holds ATen ops only
-        traced = torch.jit.trace(deploy, x, check_trace=False)
-        assert 'uniform_vit::stem_conv' in str(traced.inlined_graph) and torch.equal(traced(x), out)
-        with aten_only():
-            portable = torch.jit.trace(deploy, x, check_trace=False)
-        assert 'uniform_vit::stem_conv' not in str(portable.inlined_graph)
-        assert torch.allclose(portable(x), out, atol=1e-5, rtol=1e-5)
+        traced, portable = _recorded_by_bench_traces_only(deploy, x, 'stem_conv')
+        assert torch.equal(traced(x), out) and torch.allclose(portable(x), out, atol=1e-5, rtol=1e-5)
     x.requires_grad_(True)  # a gradient is needed: the op has no backward, so ATen's conv runs
     with OpLog() as log:
         deploy(x).sum().backward()
@@ -331,11 +323,7 @@ def test_depthwise_module_uses_the_kernel_where_it_may(monkeypatch, dw_op):
             with OpLog() as log:  # NCHW maps keep ATen's conv
                 assert torch.allclose(m(x.contiguous()), ref, atol=1e-5)
             assert 'uniform_vit.depthwise_conv' not in log.ops
-            traced = torch.jit.trace(m, x, check_trace=False)
-            assert 'uniform_vit::depthwise_conv' in str(traced.inlined_graph)
-            with aten_only():
-                portable = torch.jit.trace(m, x, check_trace=False)
-            assert 'uniform_vit::depthwise_conv' not in str(portable.inlined_graph)
+            _, portable = _recorded_by_bench_traces_only(m, x, 'depthwise_conv')
             assert torch.allclose(portable(x), ref, atol=1e-5)
         with OpLog() as log:  # a gradient is needed: ATen's conv
             m(x).sum().backward()
@@ -345,6 +333,105 @@ def test_depthwise_module_uses_the_kernel_where_it_may(monkeypatch, dw_op):
             assert torch.allclose(m(x), ref, atol=1e-5)
         assert 'uniform_vit.depthwise_conv' not in log.ops
         monkeypatch.setattr(conv_mod, 'DEPTHWISE_KERNEL', True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the residual FFN
+
+
+@pytest.fixture
+def ffn_op():
+    op = cpu_kernels.residual_ffn()
+    assert op is not None, cpu_kernels.status()
+    return op
+
+
+def _ffn_ref(x, w1t, b1, w2t, b2):
+    return x + torch.relu(x @ w1t + b1) @ w2t + b2
+
+
+@needs_kernel
+@pytest.mark.parametrize('m,c,h', [(3136, 64, 128), (97, 240, 480), (5, 20, 40), (50, 33, 7), (13, 8, 0), (0, 16, 32)])
+def test_residual_ffn_matches_aten(m, c, h, ffn_op):  # row tails (not a multiple of 6 / 12), column tails, no hidden
+    g = torch.Generator().manual_seed(m + c + h)
+    x = torch.randn(m, c, generator=g)
+    w1t, b1 = torch.randn(c, h, generator=g) / c ** 0.5, torch.randn(h, generator=g)
+    w2t, b2 = torch.randn(h, c, generator=g) / max(h, 1) ** 0.5, torch.randn(c, generator=g)
+    out = ffn_op(x, w1t, b1, w2t, b2)
+    assert out.shape == (m, c)
+    assert torch.allclose(out, _ffn_ref(x, w1t, b1, w2t, b2), atol=1e-4, rtol=1e-5)
+    # any strides: a transposed weight view is read through a copy
+    assert torch.equal(ffn_op(x, w1t.t().contiguous().t(), b1, w2t, b2), out)
+
+
+@needs_kernel
+def test_residual_ffn_threads_give_the_same_numbers(ffn_op):
+    x, w1t, w2t = torch.randn(700, 48), torch.randn(48, 96), torch.randn(96, 48)
+    b1, b2 = torch.randn(96), torch.randn(48)
+    one, two = _one_and_two_threads(lambda: ffn_op(x, w1t, b1, w2t, b2))
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_residual_ffn_rejects_bad_inputs(ffn_op):
+    x, w1t, w2t, b1, b2 = torch.randn(10, 8), torch.randn(8, 16), torch.randn(16, 8), torch.randn(16), torch.randn(8)
+    with pytest.raises(RuntimeError, match='shapes do not match'):
+        ffn_op(x, w1t, b1, torch.randn(16, 9), b2)
+    with pytest.raises(RuntimeError, match='float32'):
+        ffn_op(x.double(), w1t, b1, w2t, b2)
+    with pytest.raises(RuntimeError, match=r'expected x \(M, C\)'):
+        ffn_op(x[None], w1t, b1, w2t, b2)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        ffn_op(x, w1t, b1, w2t, b2)
+    assert fc.get_total_flops() == 4 * 10 * 8 * 16
+
+
+def _recorded_by_bench_traces_only(module: torch.nn.Module, x: torch.Tensor, op: str):
+    """The bench's in-process trace records the op; a trace for other machines (under aten_only()) does not."""
+    traced = torch.jit.trace(module, x, check_trace=False)
+    assert f'uniform_vit::{op}' in str(traced.inlined_graph)
+    with aten_only():
+        portable = torch.jit.trace(module, x, check_trace=False)
+    assert f'uniform_vit::{op}' not in str(portable.inlined_graph)
+    return traced, portable
+
+
+def _trained_looking(module: torch.nn.Module) -> torch.nn.Module:
+    for m in module.modules():  # non-trivial BN statistics and weights (the FFN's second BN starts at weight 0)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    return module
+
+
+@needs_kernel
+def test_residual_ffn_module_uses_the_kernel_where_it_may(monkeypatch, ffn_op):
+    res = _trained_looking(Residual(FFN(24, 48))).eval()
+    fused = res.fuse()
+    assert type(fused) is ResidualFFN and fused.fuse() is fused
+    assert set(fused.state_dict()) == set(Residual(FFN(24, 48)).fuse().state_dict())  # no extra keys
+    x = torch.randn(2, 24, 5, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = res(x)
+        with OpLog() as log:
+            out = fused(x)
+        assert log.ops.count('uniform_vit.residual_ffn') == 1 and torch.allclose(out, ref, atol=1e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        with OpLog() as log:  # NCHW maps keep the convs
+            assert torch.allclose(fused(x.contiguous()), ref, atol=1e-5)
+        assert 'uniform_vit.residual_ffn' not in log.ops
+        _recorded_by_bench_traces_only(fused, x, 'residual_ffn')
+        # new weights (a fused checkpoint loaded into a deploy model) reach the op: its transposed copy is a cache
+        other = _trained_looking(Residual(FFN(24, 48))).eval()
+        fused.load_state_dict(other.fuse().state_dict())
+        assert torch.allclose(fused(x), other(x), atol=1e-5)
+        monkeypatch.setattr(conv_mod, 'FFN_KERNEL', False)  # the A/B switch of benchmarks/scripts
+        with OpLog() as log:
+            assert torch.allclose(fused(x), other(x), atol=1e-5)
+        assert 'uniform_vit.residual_ffn' not in log.ops
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
@@ -362,6 +449,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         warnings.simplefilter('error')  # once: later calls neither rebuild nor warn again
         assert cpu_kernels.reuse_core() is None
         assert cpu_kernels.stem_conv() is None and cpu_kernels.depthwise_conv() is None
+        assert cpu_kernels.residual_ffn() is None
     assert cpu_kernels.status().startswith('off (build failed: RuntimeError')
     q, k, v = _inputs('token-major', 1, 600, 32, torch.Generator().manual_seed(4))
     out = reuse_attention(q, k, v, None, 0.3, 'tiled')  # the ATen path

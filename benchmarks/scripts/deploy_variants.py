@@ -26,6 +26,8 @@ floor of the run); every copy carries the same weights, and the script checks th
 * ``stem-aten``: the stem's first conv and ReLU as ATen ops on a channels-last copy of the image (the deploy form
   before session 17) instead of the C++ ``stem_conv`` op. A speed-up below 1 is what the kernel buys.
 * ``dw-aten``: every depthwise conv through ATen (oneDNN) instead of the C++ ``depthwise_conv`` op (session 17).
+* ``ffn-onednn``: every residual FFN as two oneDNN matmuls, a ReLU and an add instead of the C++ ``residual_ffn``
+  op (session 17).
 * ``prepacked1x1``: every 1x1 conv's oneDNN matmul on a weight reordered once into oneDNN's blocked layout
   (``mkldnn._reorder_linear_weight``, kept as an mkldnn buffer, which a trace accepts) instead of the plain (O, C)
   weight that the matmul packs again on every call (session 17).
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 
 import uniform_vit  # noqa: F401  (registers uniform_*)
 from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio
-from uniform_vit.layers.conv import FFN, DepthwiseConv2d, PointwiseConv2d, Residual, SameConv2d
+from uniform_vit.layers.conv import FFN, DepthwiseConv2d, PointwiseConv2d, Residual, ResidualFFN, SameConv2d
 from uniform_vit.layers.fuse import reparameterize
 from uniform_vit.models.uniform import DeployStem, PatchMerging, _to_channels_last
 from uniform_vit.utils.malloc import tune_allocator
@@ -223,6 +225,10 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
                 m.forward = types.MethodType(_pm_chunks(int(variant[-1])), m)
     elif variant == 'stem-aten':
         stem.stem_kernel = False
+    elif variant == 'ffn-onednn':
+        for m in model.modules():
+            if isinstance(m, ResidualFFN):
+                m.forward = types.MethodType(Residual.forward, m)
     elif variant == 'prepacked1x1':
         for m in model.modules():
             if isinstance(m, PointwiseConv2d):
@@ -238,7 +244,7 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
 
 VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'stem-one-transpose', 'conv1x1', 'mkl1x1',
             'linear-relu', 'linear-relu-add', 'stem-contiguous', 'stem-nchw-wcl', 'pm-chunks2', 'pm-chunks4',
-            'stem-aten', 'dw-aten', 'prepacked1x1')
+            'stem-aten', 'dw-aten', 'prepacked1x1', 'ffn-onednn')
 
 
 def main() -> None:

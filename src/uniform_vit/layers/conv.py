@@ -125,6 +125,15 @@ class PointwiseConv2d(nn.Conv2d):
 DEPTHWISE_KERNEL = True  # A/B switch (benchmarks/scripts): DepthwiseConv2d's C++ op where it is built
 
 
+def _deploy_op_may_run(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """What the deploy form's C++ ops (:mod:`~uniform_vit.layers.cpu_kernels`) need from a call: a float32
+    channels-last CPU map, float32 weights, no gradient, and neither :func:`aten_only` nor CPU autocast."""
+    return (x.device.type == 'cpu' and x.dim() == 4 and x.dtype == torch.float32
+            and x.is_contiguous(memory_format=torch.channels_last) and all(w.dtype == torch.float32 for w in weights)
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+            and not _ATEN_ONLY and not torch.is_autocast_enabled('cpu'))
+
+
 class DepthwiseConv2d(SameConv2d):
     """Depthwise conv (one group per channel) with an odd square kernel, 'same' padding k // 2 and stride 1 or 2.
 
@@ -136,11 +145,8 @@ class DepthwiseConv2d(SameConv2d):
     :class:`SameConv2d` at stride 1 and a plain conv at stride 2. Same weights, keys and outputs (to rounding)."""
 
     def _kernel_op(self, x: torch.Tensor):
-        if not (DEPTHWISE_KERNEL and x.device.type == 'cpu' and x.dim() == 4 and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-                and self.dilation == (1, 1) and self.padding_mode == 'zeros'
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and not _ATEN_ONLY and not torch.is_autocast_enabled('cpu')):
+        if not (DEPTHWISE_KERNEL and self.dilation == (1, 1) and self.padding_mode == 'zeros'
+                and _deploy_op_may_run(x, self.weight)):
             return None
         return cpu_kernels.depthwise_conv()  # None inside torch.compile / ONNX export, or without the kernels
 
@@ -255,5 +261,74 @@ class Residual(nn.Module):
             # a depthwise kernel with 1 added at its centre computes conv(x) + x
             conv.weight[:, 0, kh // 2, kw // 2] += 1.0
             return conv
+        if isinstance(m, FFN):
+            return ResidualFFN(m.fuse())
         fused = Residual(m.fuse() if hasattr(m, 'fuse') else fuse_children(m))
         return fused
+
+
+FFN_KERNEL = True  # A/B switch (benchmarks/scripts): ResidualFFN's C++ op where it is built
+
+
+def _untraced(fn: Callable[[], object]) -> object:
+    """``fn()`` with ``torch.jit.trace``'s recorder paused (torch's private tracing-state switch, as torch.onnx uses
+    it); plain ``fn()`` outside a trace or where torch lacks the switch."""
+    get, set_ = getattr(torch._C, '_get_tracing_state', None), getattr(torch._C, '_set_tracing_state', None)
+    state = get() if get is not None and set_ is not None else None
+    if state is None:
+        return fn()
+    set_(None)
+    try:
+        return fn()
+    finally:
+        set_(state)
+
+
+class ResidualFFN(Residual):
+    """Deploy form of ``Residual(FFN)``: x + pw2(relu(pw1(x))) with both 1x1 convs fused with their BatchNorms.
+
+    On channels-last float32 CPU maps without gradients it runs as this library's C++ op (``residual_ffn``,
+    :mod:`uniform_vit.layers.cpu_kernels`) over the map's token rows: the hidden activations of a tile of tokens stay
+    in cache instead of going out to memory as a (B*H*W, 2C) matrix and back, and the ReLU and the residual add ride
+    in the products' epilogues. 1.01-1.14x oneDNN's two matmuls at UniForm's shapes, the fused, traced uniform_m and
+    uniform_l about 1.02x (an AVX2 Zen 3; benchmarks/RESULTS.md, section 1, session 17). Elsewhere (no kernel, NCHW
+    maps, training, ``torch.compile``/``torch.export``/ONNX, :func:`aten_only`) it is :class:`Residual`. Same keys:
+    the transposed weights the op reads are a cache, rebuilt when the weights change (``load_state_dict``)."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__(m)
+        self._transposed: tuple = ((), None, None)
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w1, w2 = self.m.pw1.weight, self.m.pw2.weight
+        key = (w1.data_ptr(), w1._version, w2.data_ptr(), w2._version)
+        if self._transposed[0] != key:
+            def transpose() -> tuple:
+                with torch.no_grad():
+                    return (key, w1.reshape(w1.shape[0], -1).t().contiguous(),
+                            w2.reshape(w2.shape[0], -1).t().contiguous())
+
+            # hidden from torch.jit.trace, which would otherwise record the transposes in the first trace only (its
+            # check re-traces and finds the cache): a trace holds the cached copies as constants either way
+            self._transposed = _untraced(transpose)
+        return self._transposed[1], self._transposed[2]
+
+    def _kernel_op(self, x: torch.Tensor):
+        pw1, pw2 = self.m.pw1, self.m.pw2
+        if not (FFN_KERNEL and isinstance(self.drop_path, nn.Identity) and isinstance(self.m.act, nn.ReLU)
+                and isinstance(pw1, PointwiseConv2d) and isinstance(pw2, PointwiseConv2d)
+                and pw1.bias is not None and pw2.bias is not None and _deploy_op_may_run(x, pw1.weight, pw2.weight)):
+            return None
+        return cpu_kernels.residual_ffn()  # None inside torch.compile / ONNX export, or without the kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = self._kernel_op(x)
+        if op is None:
+            return super().forward(x)
+        B, C, H, W = x.shape
+        w1t, w2t = self._weights()
+        y = op(x.permute(0, 2, 3, 1).reshape(B * H * W, C), w1t, self.m.pw1.bias, w2t, self.m.pw2.bias)
+        return y.view(B, H, W, C).permute(0, 3, 1, 2)
+
+    def fuse(self) -> nn.Module:
+        return self  # already the deploy form

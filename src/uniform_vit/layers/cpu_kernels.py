@@ -1,14 +1,14 @@
 """Optional C++ kernels for x86 CPUs, one library (``csrc/``): the query-tiled Reuse Attention core in one op
 (``reuse_core.cpp``), the stem's first conv + ReLU, read from NCHW and written channels-last (``stem_conv.cpp``),
-and depthwise convs on channels-last maps (``depthwise_conv.cpp``).
+depthwise convs on channels-last maps (``depthwise_conv.cpp``) and the residual FFN (``residual_ffn.cpp``).
 
 It is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja: the tools ``torch.compile``
 needs on CPU too; ninja comes with this package), for CPUs where PyTorch itself dispatches to AVX-512 or AVX2, in
 about 15-30 s, and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
-Elsewhere, or where the build fails (a warning says why, once), :func:`reuse_core`, :func:`stem_conv` and
-:func:`depthwise_conv` return None and their callers keep ATen ops. ``UNIFORM_VIT_CPU_KERNELS=0`` turns the
-kernels off (A/B runs, or to skip the build). Why kernels at all: benchmarks/RESULTS.md, section 1, sessions 14
-and 17."""
+Elsewhere, or where the build fails (a warning says why, once), :func:`reuse_core`, :func:`stem_conv`,
+:func:`depthwise_conv` and :func:`residual_ffn` return None and their callers keep ATen ops.
+``UNIFORM_VIT_CPU_KERNELS=0`` turns the kernels off (A/B runs, or to skip the build). Why kernels at all:
+benchmarks/RESULTS.md, section 1, sessions 14 and 17."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 ENV = 'UNIFORM_VIT_CPU_KERNELS'
-SOURCES = tuple(Path(__file__).with_name('csrc') / f for f in ('reuse_core.cpp', 'stem_conv.cpp', 'depthwise_conv.cpp'))
-OPS = ('reuse_core', 'stem_conv', 'depthwise_conv')
+OPS = ('reuse_core', 'stem_conv', 'depthwise_conv', 'residual_ffn')  # one source file each
+SOURCES = tuple(Path(__file__).with_name('csrc') / f'{op}.cpp' for op in OPS)
 # the vector ISA PyTorch reports -> ATen's build macro and the compiler flags (as inductor builds its CPU code). The
 # kernel's register blocking follows the ISA (24 accumulators in AVX-512's 32 registers, 12 in AVX2's 16): built with
 # the AVX-512 blocking for AVX2, it spilled and ran at 0.60-0.98x the ATen path (session 14); with its own blocking
@@ -119,8 +119,12 @@ def _register_flop_formulas() -> None:
         b, c, h, w = x_shape  # every tap of every output, as the flop counter counts ATen's convolutions
         return 2 * b * c * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) * w_shape[2] * w_shape[3]
 
+    def ffn_flops(x_shape, w1t_shape, *args, out_shape=None, **kwargs) -> int:
+        return 4 * x_shape[0] * w1t_shape[0] * w1t_shape[1]  # two products of M x C x H
+
     ops = torch.ops.uniform_vit
-    for op, fn in ((ops.reuse_core, core_flops), (ops.stem_conv, stem_flops), (ops.depthwise_conv, depthwise_flops)):
+    for op, fn in ((ops.reuse_core, core_flops), (ops.stem_conv, stem_flops), (ops.depthwise_conv, depthwise_flops),
+                   (ops.residual_ffn, ffn_flops)):
         with contextlib.suppress(RuntimeError, ValueError):  # registered already (a re-imported module)
             register_flop_formula(op)(fn)
 
@@ -159,3 +163,9 @@ def depthwise_conv() -> Callable[..., torch.Tensor] | None:
     map ``x`` (B, C, H, W) (channels-last is read in place) and a (C, 1, k, k) ``w`` with odd k, ``b`` (C) or None,
     returned in channels-last memory; or None (see :func:`_recordable_op`)."""
     return _recordable_op('depthwise_conv')
+
+
+def residual_ffn() -> Callable[..., torch.Tensor] | None:
+    """``residual_ffn(x, w1t, b1, w2t, b2)``: ``x + relu(x @ w1t + b1) @ w2t + b2`` for float32 CPU token rows
+    ``x`` (M, C), ``w1t`` (C, H), ``w2t`` (H, C); or None (see :func:`_recordable_op`)."""
+    return _recordable_op('residual_ffn')
