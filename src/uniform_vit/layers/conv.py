@@ -290,10 +290,11 @@ class ResidualFFN(Residual):
     On channels-last float32 CPU maps without gradients it runs as this library's C++ op (``residual_ffn``,
     :mod:`uniform_vit.layers.cpu_kernels`) over the map's token rows: the hidden activations of a tile of tokens stay
     in cache instead of going out to memory as a (B*H*W, 2C) matrix and back, and the ReLU and the residual add ride
-    in the products' epilogues. 1.01-1.14x oneDNN's two matmuls at UniForm's shapes, the fused, traced uniform_m and
-    uniform_l about 1.02x (an AVX2 Zen 3; benchmarks/RESULTS.md, section 1, session 17). Elsewhere (no kernel, NCHW
-    maps, training, ``torch.compile``/``torch.export``/ONNX, :func:`aten_only`) it is :class:`Residual`. Same keys:
-    the transposed weights the op reads are a cache, rebuilt when the weights change (``load_state_dict``)."""
+    in the products' epilogues. 1.01-1.14x oneDNN's two matmuls at UniForm's shapes, the fused, traced models
+    1.01-1.035x (uniform_m the most; an AVX2 Zen 3, benchmarks/RESULTS.md, section 1, session 17). Elsewhere (no
+    kernel, NCHW maps, training, ``torch.compile``/``torch.export``/ONNX, :func:`aten_only`) it is :class:`Residual`.
+    Same keys: the transposed weights the op reads are a cache (a second copy of the FFN's weights in memory),
+    rebuilt when the weights change (``load_state_dict``, ``.to()``)."""
 
     def __init__(self, m: nn.Module):
         super().__init__(m)
