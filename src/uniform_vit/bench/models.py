@@ -362,7 +362,7 @@ def combine_runs(results: list[dict]) -> dict:
 
 def _run(s: BenchSettings, progress: Callable[[str, int, int], None]) -> dict:
     env = environment(s.device, s.threads)
-    if s.device == 'cpu':  # the C++ kernels (UniForm's deploy stem uses one): built now, once per machine
+    if s.device == 'cpu':  # the C++ kernels (UniForm's deploy form uses them): built now, once per machine
         from ..layers.cpu_kernels import status
 
         progress('C++ CPU kernels', 0, len(s.models))

@@ -89,8 +89,8 @@ def _load() -> bool:
 
 
 def _announce_build(name: str) -> None:
-    """Say so on stderr before a first build: since the deploy stem uses a kernel, the first CPU inference on a new
-    machine (``predict``, the bench) would otherwise pause for 15-30 s without a word."""
+    """Say so on stderr before a first build: since UniForm's deploy form uses the kernels, the first CPU inference on
+    a new machine (``predict``, the bench) would otherwise pause for 15-30 s without a word."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
@@ -104,7 +104,8 @@ def _announce_build(name: str) -> None:
 
 def _register_flop_formulas() -> None:
     """Teach ``torch.utils.flop_counter`` the ops, or FLOP counts would miss them: the attention core's logits
-    (2 N^2 Cq per image) and value product (2 N^2 C), the stem conv's 2 Cin 9 Cout per output pixel."""
+    (2 N^2 Cq per image) and value product (2 N^2 C), the stem conv's 2 Cin 9 Cout and the depthwise conv's 2 C k^2
+    per output pixel, the FFN's two products (4 C H per token)."""
     from torch.utils.flop_counter import register_flop_formula
 
     def core_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
