@@ -69,11 +69,6 @@ def aten_only() -> Iterator[None]:
         ONEDNN_POINTWISE, _ATEN_ONLY = old
 
 
-def aten_ops_only() -> bool:
-    """True inside :func:`aten_only`."""
-    return _ATEN_ONLY
-
-
 def _pointwise_onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """1x1 conv of a channels-last (B, C, H, W) ``x`` with an (O, C) ``w`` as ONE oneDNN matmul over its B*H*W tokens
     (channels-last memory is a (B*H*W, C) matrix); channels-last output."""
@@ -125,11 +120,13 @@ class PointwiseConv2d(nn.Conv2d):
 DEPTHWISE_KERNEL = True  # A/B switch (benchmarks/scripts): DepthwiseConv2d's C++ op where it is built
 
 
-def _deploy_op_may_run(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """What the deploy form's C++ ops (:mod:`~uniform_vit.layers.cpu_kernels`) need from a call: a float32
-    channels-last CPU map, float32 weights, no gradient, and neither :func:`aten_only` nor CPU autocast."""
+def deploy_op_may_run(x: torch.Tensor, *weights: torch.Tensor, channels_last: bool = True) -> bool:
+    """What the deploy form's C++ ops (:mod:`~uniform_vit.layers.cpu_kernels`) need from a call: a float32 CPU map
+    (in channels-last memory unless ``channels_last=False``: the stem's op reads the NCHW image), float32 weights, no
+    gradient, and neither :func:`aten_only` nor CPU autocast."""
     return (x.device.type == 'cpu' and x.dim() == 4 and x.dtype == torch.float32
-            and x.is_contiguous(memory_format=torch.channels_last) and all(w.dtype == torch.float32 for w in weights)
+            and (not channels_last or x.is_contiguous(memory_format=torch.channels_last))
+            and all(w.dtype == torch.float32 for w in weights)
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
             and not _ATEN_ONLY and not torch.is_autocast_enabled('cpu'))
 
@@ -146,7 +143,7 @@ class DepthwiseConv2d(SameConv2d):
 
     def _kernel_op(self, x: torch.Tensor):
         if not (DEPTHWISE_KERNEL and self.dilation == (1, 1) and self.padding_mode == 'zeros'
-                and _deploy_op_may_run(x, self.weight)):
+                and deploy_op_may_run(x, self.weight)):
             return None
         return cpu_kernels.depthwise_conv()  # None inside torch.compile / ONNX export, or without the kernels
 
@@ -318,7 +315,7 @@ class ResidualFFN(Residual):
         pw1, pw2 = self.m.pw1, self.m.pw2
         if not (FFN_KERNEL and isinstance(self.drop_path, nn.Identity) and isinstance(self.m.act, nn.ReLU)
                 and isinstance(pw1, PointwiseConv2d) and isinstance(pw2, PointwiseConv2d)
-                and pw1.bias is not None and pw2.bias is not None and _deploy_op_may_run(x, pw1.weight, pw2.weight)):
+                and pw1.bias is not None and pw2.bias is not None and deploy_op_may_run(x, pw1.weight, pw2.weight)):
             return None
         return cpu_kernels.residual_ffn()  # None inside torch.compile / ONNX export, or without the kernels
 

@@ -28,7 +28,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers import cpu_kernels
 from ..layers.attention import WindowAttention, create_attention
-from ..layers.conv import FFN, BNLinear, ConvNorm, Residual, aten_ops_only
+from ..layers.conv import FFN, BNLinear, ConvNorm, Residual, deploy_op_may_run
 from ..layers.fuse import fuse_children, fuse_inplace
 
 __all__ = ['UniForm', 'UniFormConfig']
@@ -97,13 +97,11 @@ class DeployStem(nn.Sequential):
     def _first_layer_op(self, x: torch.Tensor):
         """The C++ first conv + ReLU, or None where it does not apply."""
         conv = self[0]
-        if not (self.stem_kernel and x.device.type == 'cpu' and x.dtype == torch.float32 and x.dim() == 4
-                and len(self) > 1 and isinstance(self[1], nn.ReLU) and type(conv) is nn.Conv2d
+        if not (self.stem_kernel and len(self) > 1 and isinstance(self[1], nn.ReLU) and type(conv) is nn.Conv2d
                 and conv.kernel_size == (3, 3) and conv.stride == (2, 2) and conv.padding == (1, 1)
                 and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
-                and conv.out_channels in cpu_kernels.STEM_CHANNELS and conv.weight.dtype == torch.float32
-                and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
-                and not aten_ops_only() and not torch.is_autocast_enabled('cpu')):
+                and conv.out_channels in cpu_kernels.STEM_CHANNELS
+                and deploy_op_may_run(x, conv.weight, channels_last=False)):
             return None
         return cpu_kernels.stem_conv()
 

@@ -62,7 +62,7 @@ inline void mk(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t
 
 // columns j0 .. j1 of rows 0 .. RR - 1: full panels, then single vectors, then scalars
 template <int RR, bool RELU>
-inline void rows(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, int64_t N, const float* bias,
+inline void rows(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias,
                  const float* res, int64_t ldr, float* c, int64_t ldc, int64_t j0, int64_t j1) {
   int64_t j = j0;
   const auto rj = [&](int64_t jj) { return RELU ? nullptr : res + jj; };
@@ -90,17 +90,17 @@ void gemm_tile(const float* a, int64_t lda, int64_t M, const float* b, int64_t K
       float* cr = c + r * ldc;
       switch (rr) {
 #if defined(CPU_CAPABILITY_AVX512)
-        case 12: rows<12, RELU>(ar, lda, b, N, K, N, bias, rs, ldr, cr, ldc, j0, j1); break;
+        case 12: rows<12, RELU>(ar, lda, b, N, K, bias, rs, ldr, cr, ldc, j0, j1); break;
         case 11: case 10: case 9: case 8:
-          rows<8, RELU>(ar, lda, b, N, K, N, bias, rs, ldr, cr, ldc, j0, j1);
+          rows<8, RELU>(ar, lda, b, N, K, bias, rs, ldr, cr, ldc, j0, j1);
           rr = 8;
           break;
         case 7:
 #endif
-        case 6: rows<6, RELU>(ar, lda, b, N, K, N, bias, rs, ldr, cr, ldc, j0, j1); rr = 6; break;
-        case 5: case 4: rows<4, RELU>(ar, lda, b, N, K, N, bias, rs, ldr, cr, ldc, j0, j1); rr = 4; break;
-        case 3: case 2: rows<2, RELU>(ar, lda, b, N, K, N, bias, rs, ldr, cr, ldc, j0, j1); rr = 2; break;
-        default: rows<1, RELU>(ar, lda, b, N, K, N, bias, rs, ldr, cr, ldc, j0, j1); rr = 1;
+        case 6: rows<6, RELU>(ar, lda, b, N, K, bias, rs, ldr, cr, ldc, j0, j1); rr = 6; break;
+        case 5: case 4: rows<4, RELU>(ar, lda, b, N, K, bias, rs, ldr, cr, ldc, j0, j1); rr = 4; break;
+        case 3: case 2: rows<2, RELU>(ar, lda, b, N, K, bias, rs, ldr, cr, ldc, j0, j1); rr = 2; break;
+        default: rows<1, RELU>(ar, lda, b, N, K, bias, rs, ldr, cr, ldc, j0, j1); rr = 1;
       }
       r += rr;
     }
