@@ -1,7 +1,9 @@
 """The C++ CPU kernels (uniform_vit.layers.cpu_kernels): built where a compiler is, a clean fallback when they cannot
 be. The tiled Reuse core: same numbers as eager in every layout, used by 'tiled' / 'auto', never recorded by a
 tracer. The stem conv and the depthwise conv: same numbers as ATen's convs at every size, used by the deploy form,
-recorded by the bench's traces but not by graphs written for other machines."""
+recorded by the bench's traces but not by graphs written for other machines. The same for the residual FFN, the 1x1
+convs, the stem's later 3x3 stride-2 convs and patch merging's expansion + depthwise conv, which share one
+register-blocked product."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from uniform_vit.layers import cpu_kernels
 from uniform_vit.layers.attention import reuse_attention
 from uniform_vit.layers.conv import FFN, DepthwiseConv2d, Residual, ResidualFFN, SameConv2d, aten_only, make_conv
 from uniform_vit.layers.fuse import reparameterize
+from uniform_vit.models.uniform import DeployPatchMerging
 
 HAS_TOOLS = bool(shutil.which('c++') or shutil.which('g++')) and bool(shutil.which('ninja'))
 ISA_OK = torch.backends.cpu.get_cpu_capability() in ('AVX512', 'AVX2')
@@ -434,6 +437,186 @@ def test_residual_ffn_module_uses_the_kernel_where_it_may(monkeypatch, ffn_op):
         assert 'uniform_vit.residual_ffn' not in log.ops
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 1x1 convs, the stem's 3x3 stride-2 convs, patch merging's expansion + depthwise conv (tile_gemm.h)
+
+
+def _op(name: str):
+    op = getattr(cpu_kernels, name)()
+    assert op is not None, cpu_kernels.status()
+    return op
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+@needs_kernel
+@pytest.mark.parametrize('m,k,n', [(3136, 64, 256), (97, 240, 120), (5, 20, 40), (50, 33, 7), (13, 8, 1), (0, 16, 32)])
+def test_pointwise_conv_matches_aten(m, k, n):  # row tails (not a multiple of 6 / 12), column tails, one column
+    op = _op('pointwise_conv')
+    g = torch.Generator().manual_seed(m + k + n)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5, torch.randn(n, generator=g)
+    for relu in (False, True):
+        ref = F.linear(x, w, b)
+        out = op(x, w.t().contiguous(), b, relu)
+        assert out.shape == (m, n)
+        assert torch.allclose(out, ref.relu() if relu else ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(op(x, w.t(), None, False), F.linear(x, w), atol=1e-5, rtol=1e-5)  # no bias, any strides
+
+
+@needs_kernel
+def test_pointwise_conv_threads_bad_inputs_and_flops():
+    op = _op('pointwise_conv')
+    x, wt, b = torch.randn(700, 48), torch.randn(48, 96), torch.randn(96)
+    one, two = _one_and_two_threads(lambda: op(x, wt, b, True))
+    assert torch.equal(one, two)
+    with pytest.raises(RuntimeError, match='x has 48 channels, wt 47 rows'):
+        op(x, torch.randn(47, 96), b, False)
+    with pytest.raises(RuntimeError, match=r'bias must be \(96\)'):
+        op(x, wt, torch.randn(5), False)
+    with pytest.raises(RuntimeError, match='float32'):
+        op(x.double(), wt.double(), None, False)
+    with pytest.raises(RuntimeError, match=r'expected x \(M, K\)'):
+        op(x[None], wt, b, False)
+    assert _flops(lambda: op(x, wt, b, False)) == 2 * 700 * 48 * 96
+
+
+@needs_kernel
+def test_pointwise_module_uses_the_kernel_where_it_may(monkeypatch):
+    m = make_conv(24, 40, 1).eval()
+    x = torch.randn(2, 24, 5, 7).contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(x, m.weight, m.bias)
+    with torch.no_grad():
+        with OpLog() as log:
+            out = m(x)
+        assert 'uniform_vit.pointwise_conv' in log.ops and torch.allclose(out, ref, atol=1e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        with OpLog() as log:  # NCHW maps: the plain conv
+            assert torch.allclose(m(x.contiguous()), ref, atol=1e-5)
+        assert 'uniform_vit.pointwise_conv' not in log.ops
+        _, portable = _recorded_by_bench_traces_only(m, x, 'pointwise_conv')
+        assert torch.allclose(portable(x), ref, atol=1e-5)
+        # new weights reach the op: its transposed copy is a cache
+        m.weight.mul_(-2.0)
+        assert torch.allclose(m(x), F.conv2d(x, m.weight, m.bias), atol=1e-5)
+        monkeypatch.setattr(conv_mod, 'POINTWISE_KERNEL', False)  # the A/B switch: oneDNN's matmul then
+        with OpLog() as log:
+            assert torch.allclose(m(x), F.conv2d(x, m.weight, m.bias), atol=1e-5)
+        assert 'uniform_vit.pointwise_conv' not in log.ops
+    assert 'pointwise_conv' not in ''.join(m.state_dict())  # the cache is no state
+
+
+@needs_kernel
+@pytest.mark.parametrize('cin,cout', [(8, 16), (5, 12), (32, 64), (3, 1)])  # panels, vector and scalar column tails
+@pytest.mark.parametrize('h,w', [(40, 38), (29, 33), (1, 1), (2, 35), (7, 2), (4, 5)])  # odd/even, tiny
+def test_conv3x3_s2_matches_aten(cin, cout, h, w):
+    op = _op('conv3x3_s2')
+    g = torch.Generator().manual_seed(cin * 100 + cout + h + w)
+    x = torch.randn(2, cin, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5, torch.randn(cout, generator=g)
+    for relu in (False, True):
+        ref = F.conv2d(x, wt, b, stride=2, padding=1)
+        out = op(x, wt.permute(2, 3, 1, 0).contiguous(), b, relu)
+        assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(out, ref.relu() if relu else ref, atol=1e-5, rtol=1e-5)
+    # no bias; an NCHW input is read through a copy
+    assert torch.allclose(op(x.contiguous(), wt.permute(2, 3, 1, 0), None, False), F.conv2d(x, wt, None, 2, 1),
+                          atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_conv3x3_s2_threads_bad_inputs_and_flops():
+    op = _op('conv3x3_s2')
+    x = torch.randn(3, 16, 20, 18).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(3, 3, 16, 32), torch.randn(32)
+    one, two = _one_and_two_threads(lambda: op(x, wt, b, True))
+    assert torch.equal(one, two)
+    with pytest.raises(RuntimeError, match='x has 16 channels, wt 8'):
+        op(x, torch.randn(3, 3, 8, 32), b, False)
+    with pytest.raises(RuntimeError, match=r'expected x \(B, Cin, H, W\) and wt \(3, 3, Cin, Cout\)'):
+        op(x, torch.randn(32, 16, 3, 3), b, False)
+    with pytest.raises(RuntimeError, match=r'bias must be \(32\)'):
+        op(x, wt, torch.randn(3), False)
+    with pytest.raises(RuntimeError, match='float32'):
+        op(x.double(), wt.double(), None, False)
+    assert _flops(lambda: op(x, wt, b, False)) == 2 * 3 * 10 * 9 * 32 * 16 * 9
+
+
+def _expand_dw_ref(x, w1, b1, wd, bd):
+    return F.conv2d(F.conv2d(x, w1, b1).relu(), wd, bd, 2, 1, 1, wd.shape[0]).relu()
+
+
+@needs_kernel
+@pytest.mark.parametrize('c,x_', [(64, 256), (24, 96), (6, 20), (5, 3)])  # channel blocks of 32 / 8 and tails
+@pytest.mark.parametrize('h,w', [(14, 14), (7, 7), (9, 4), (1, 1), (2, 3), (20, 5)])  # several row chunks, odd sizes
+def test_expand_dw_matches_aten(c, x_, h, w):
+    op = _op('expand_dw')
+    g = torch.Generator().manual_seed(c + x_ + h * w)
+    x = torch.randn(2, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    w1, b1 = torch.randn(x_, c, 1, 1, generator=g) / c ** 0.5, torch.randn(x_, generator=g)
+    wd, bd = torch.randn(x_, 1, 3, 3, generator=g), torch.randn(x_, generator=g)
+    out = op(x, w1.flatten(1).t().contiguous(), b1, wd[:, 0].permute(1, 2, 0).contiguous(), bd)
+    ref = _expand_dw_ref(x, w1, b1, wd, bd)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_expand_dw_threads_bad_inputs_and_flops():
+    op = _op('expand_dw')
+    x = torch.randn(3, 16, 14, 14).contiguous(memory_format=torch.channels_last)
+    w1t, b1, wdw, bdw = torch.randn(16, 64), torch.randn(64), torch.randn(3, 3, 64), torch.randn(64)
+    one, two = _one_and_two_threads(lambda: op(x, w1t, b1, wdw, bdw))
+    assert torch.equal(one, two)
+    assert torch.equal(op(x.contiguous(), w1t, b1, wdw, bdw), one)  # an NCHW input is read through a copy
+    with pytest.raises(RuntimeError, match='shapes do not match'):
+        op(x, w1t, b1, torch.randn(3, 3, 63), bdw)
+    with pytest.raises(RuntimeError, match='float32'):
+        op(x.double(), w1t, b1, wdw, bdw)
+    with pytest.raises(RuntimeError, match=r'expected x \(B, C, H, W\)'):
+        op(x[0], w1t, b1, wdw, bdw)
+    assert _flops(lambda: op(x, w1t, b1, wdw, bdw)) == 2 * 3 * 14 * 14 * 16 * 64 + 2 * 3 * 7 * 7 * 64 * 9
+
+
+@needs_kernel
+def test_deploy_stem_and_patch_merging_use_the_kernels_where_they_may():
+    model = _trained_looking(timm.create_model('uniform_t', num_classes=10).eval())  # stem 8 -> 16 -> 32 -> 64
+    deploy = reparameterize(model)
+    stem, pms = deploy.patch_embed, [m for m in deploy.modules() if isinstance(m, DeployPatchMerging)]
+    assert len(pms) == 2 and all(pm.fuse() is pm for pm in pms)
+    x = torch.randn(3, 3, 64, 72)
+    with torch.no_grad():
+        ref = model(x)
+        with OpLog() as log:
+            out = deploy(x)
+        # two batch chunks x the two narrow convs (16, 32 outputs); the 64-wide one stays with oneDNN
+        assert log.ops.count('uniform_vit.conv3x3_s2') == 4 and log.ops.count('uniform_vit.expand_dw') == 2
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+        stem.conv_kernel = False
+        for pm in pms:
+            pm.expand_kernel = False
+        with OpLog() as log:
+            aten = deploy(x)
+        assert 'uniform_vit.conv3x3_s2' not in log.ops and 'uniform_vit.expand_dw' not in log.ops
+        assert torch.allclose(out, aten, atol=1e-5, rtol=1e-5)
+        stem.conv_kernel = True
+        for pm in pms:
+            pm.expand_kernel = True
+        traced, portable = _recorded_by_bench_traces_only(deploy, x, 'expand_dw')
+        assert 'uniform_vit::conv3x3_s2' in str(traced.inlined_graph)
+        assert 'uniform_vit::conv3x3_s2' not in str(portable.inlined_graph)
+        assert torch.equal(traced(x), out) and torch.allclose(portable(x), out, atol=1e-5, rtol=1e-5)
+    x.requires_grad_(True)  # a gradient is needed: the ops have no backward, so ATen's convs run
+    with OpLog() as log:
+        deploy(x).sum().backward()
+    assert 'uniform_vit.expand_dw' not in log.ops and 'uniform_vit.conv3x3_s2' not in log.ops
+
+
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
     import torch.utils.cpp_extension as ext
 
@@ -449,7 +632,8 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         warnings.simplefilter('error')  # once: later calls neither rebuild nor warn again
         assert cpu_kernels.reuse_core() is None
         assert cpu_kernels.stem_conv() is None and cpu_kernels.depthwise_conv() is None
-        assert cpu_kernels.residual_ffn() is None
+        assert cpu_kernels.residual_ffn() is None and cpu_kernels.pointwise_conv() is None
+        assert cpu_kernels.conv3x3_s2() is None and cpu_kernels.expand_dw() is None
     assert cpu_kernels.status().startswith('off (build failed: RuntimeError')
     q, k, v = _inputs('token-major', 1, 600, 32, torch.Generator().manual_seed(4))
     out = reuse_attention(q, k, v, None, 0.3, 'tiled')  # the ATen path

@@ -3,9 +3,10 @@ measurement can be repeated when PyTorch or oneDNN change.
 
     python benchmarks/scripts/deploy_variants.py --model uniform_t --rounds 15
 
-Each variant is the shipped deploy form (``reparameterize``, traced, 1 thread, batch 16, 224 px) with one change,
-timed interleaved against the shipped form and against a second copy of it (the A/A control, which shows the noise
-floor of the run); every copy carries the same weights, and the script checks the outputs agree. Variants:
+Each variant (``a+b``: several at once) is the shipped deploy form (``reparameterize``, traced, 1 thread, batch
+16, 224 px) with one change, timed interleaved against the shipped form and against a second copy of it (the A/A
+control, which shows the noise floor of the run); every copy carries the same weights, and the script checks the
+outputs agree. Variants:
 
 * ``postops-ffn``: each residual FFN as two oneDNN convolutions with fused post-ops (``mkldnn._convolution_pointwise``:
   ReLU after the first, the residual add after the second) instead of conv, ReLU, conv, add. The op takes a
@@ -28,6 +29,14 @@ floor of the run); every copy carries the same weights, and the script checks th
 * ``dw-aten``: every depthwise conv through ATen (oneDNN) instead of the C++ ``depthwise_conv`` op (session 17).
 * ``ffn-onednn``: every residual FFN as two oneDNN matmuls, a ReLU and an add instead of the C++ ``residual_ffn``
   op (session 17).
+* ``pw-onednn``: every 1x1 conv through oneDNN's matmul (the deploy form before session 18) instead of the C++
+  ``pointwise_conv`` op.
+* ``stem3x3-aten``: the stem's second to fourth convs (3x3, stride 2) and their ReLUs as ATen ops (oneDNN) instead
+  of the C++ ``conv3x3_s2`` op (session 18).
+* ``stem3x3-all``: the C++ ``conv3x3_s2`` op for every stem conv after the first, not only those with at most
+  ``DeployStem.conv_kernel_max_out`` (32) output channels (session 18).
+* ``pm-separate``: patch merging's expansion, ReLU, stride-2 depthwise conv and ReLU as separate layers instead of
+  the C++ ``expand_dw`` op (session 18).
 * ``prepacked1x1``: every 1x1 conv's oneDNN matmul on a weight reordered once into oneDNN's blocked layout
   (``mkldnn._reorder_linear_weight``, kept as an mkldnn buffer, which a trace accepts) instead of the plain (O, C)
   weight that the matmul packs again on every call (session 17).
@@ -46,7 +55,15 @@ import torch.nn.functional as F
 
 import uniform_vit  # noqa: F401  (registers uniform_*)
 from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio
-from uniform_vit.layers.conv import FFN, DepthwiseConv2d, PointwiseConv2d, Residual, ResidualFFN, SameConv2d
+from uniform_vit.layers.conv import (
+    FFN,
+    DepthwiseConv2d,
+    PointwiseConv2d,
+    Residual,
+    ResidualFFN,
+    SameConv2d,
+    _pointwise_traceable,
+)
 from uniform_vit.layers.fuse import reparameterize
 from uniform_vit.models.uniform import DeployStem, PatchMerging, _to_channels_last
 from uniform_vit.utils.malloc import tune_allocator
@@ -175,6 +192,12 @@ def _prepacked_1x1(self: PointwiseConv2d, x: torch.Tensor) -> torch.Tensor:
     return y.view(B, H, W, -1).permute(0, 3, 1, 2)
 
 
+def _pw_onednn(self: PointwiseConv2d, x: torch.Tensor) -> torch.Tensor:
+    if not self._onednn_ok(x):
+        return nn.Conv2d.forward(self, x)
+    return _pointwise_traceable()(x, _w2d(self), self.bias)  # scripted: a trace records it
+
+
 def _pm_chunks(k: int):
     def forward(self: PatchMerging, x: torch.Tensor) -> torch.Tensor:
         h = torch.cat([self.act2(self.conv2(self.act1(self.conv1(p)))) for p in x.tensor_split(k)])
@@ -184,7 +207,12 @@ def _pm_chunks(k: int):
 
 
 def apply(model: nn.Module, variant: str) -> nn.Module:
-    """A copy of the deploy-form ``model`` with ``variant`` patched in (method overrides on its instances)."""
+    """A copy of the deploy-form ``model`` with ``variant`` patched in (method overrides on its instances);
+    ``a+b`` applies both."""
+    if '+' in variant:
+        for v in variant.split('+'):
+            model = apply(model, v)
+        return model
     model = copy.deepcopy(model)
     stem = model.patch_embed
     if variant == 'postops-ffn':
@@ -233,6 +261,18 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         for m in model.modules():
             if isinstance(m, PointwiseConv2d):
                 m.forward = types.MethodType(_prepacked_1x1, m)
+    elif variant == 'pw-onednn':
+        for m in model.modules():
+            if isinstance(m, PointwiseConv2d):
+                m.forward = types.MethodType(_pw_onednn, m)
+    elif variant == 'pm-separate':
+        for m in model.modules():
+            if isinstance(m, PatchMerging):
+                m.expand_kernel = False
+    elif variant == 'stem3x3-aten':
+        stem.conv_kernel = False
+    elif variant == 'stem3x3-all':
+        stem.conv_kernel_max_out = 1 << 30
     elif variant == 'dw-aten':
         for m in model.modules():
             if isinstance(m, DepthwiseConv2d):
@@ -244,7 +284,8 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
 
 VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'stem-one-transpose', 'conv1x1', 'mkl1x1',
             'linear-relu', 'linear-relu-add', 'stem-contiguous', 'stem-nchw-wcl', 'pm-chunks2', 'pm-chunks4',
-            'stem-aten', 'dw-aten', 'prepacked1x1', 'ffn-onednn')
+            'stem-aten', 'dw-aten', 'prepacked1x1', 'ffn-onednn', 'pw-onednn', 'stem3x3-aten',
+            'stem3x3-all', 'pm-separate')
 
 
 def main() -> None:

@@ -51,6 +51,39 @@ class SameConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+def _untraced(fn: Callable[[], object]) -> object:
+    """``fn()`` with ``torch.jit.trace``'s recorder paused (torch's private tracing-state switch, as torch.onnx uses
+    it); plain ``fn()`` outside a trace or where torch lacks the switch."""
+    get, set_ = getattr(torch._C, '_get_tracing_state', None), getattr(torch._C, '_set_tracing_state', None)
+    state = get() if get is not None and set_ is not None else None
+    if state is None:
+        return fn()
+    set_(None)
+    try:
+        return fn()
+    finally:
+        set_(state)
+
+
+def kernel_layout(owner: nn.Module, weights: tuple[torch.Tensor, ...],
+                  make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """``make()``'s copies of ``weights`` in the layout a C++ op reads (transposed, (3, 3, Cin, Cout)), cached on
+    ``owner`` and rebuilt when a weight's storage or version changes (``load_state_dict``, ``.to()``, in-place edits).
+    The cache is a second copy of those weights in memory and is not part of the state dict."""
+    key = tuple((w.data_ptr(), w._version) for w in weights)
+    cached = owner.__dict__.get('_kernel_layout')
+    if cached is None or cached[0] != key:
+        def build() -> tuple:
+            with torch.no_grad():
+                return key, make()
+
+        # hidden from torch.jit.trace, which would otherwise record the copies in the first trace only (its check
+        # re-traces and finds the cache): a trace holds the cached copies as constants either way
+        cached = _untraced(build)
+        owner.__dict__['_kernel_layout'] = cached
+    return cached[1]
+
+
 ONEDNN_POINTWISE = True  # A/B switch (benchmarks/scripts) and what :func:`aten_only` turns off
 _ATEN_ONLY = False  # inside aten_only()
 
@@ -87,17 +120,21 @@ def _pointwise_traceable() -> Callable:
         return torch.jit.script(_pointwise_onednn)
 
 
-class PointwiseConv2d(nn.Conv2d):
-    """1x1 conv (stride 1, no padding, one group) that runs as one oneDNN matmul on channels-last CPU maps.
+POINTWISE_KERNEL = True  # A/B switch (benchmarks/scripts): PointwiseConv2d's C++ op where it is built
 
-    PyTorch's ``conv2d`` reaches oneDNN too, but each call pays for a convolution primitive and its weight reorder:
-    at UniForm's sizes (B*H*W = 256-3136 tokens, 64-960 channels, batch 16) ``torch.ops.mkldnn._linear_pointwise``
-    ran the same product in up to 20 % less time (most on the small late-stage maps; 14x14 maps tie), and the
-    fused, traced uniform_t 1.09-1.10x faster (one thread, this project's Zen 5; ``benchmarks/RESULTS.md``).
-    The oneDNN path is taken for float32 CPU maps in channels-last
-    memory when no gradient is needed, outside ``torch.compile``/``torch.export``/ONNX export and
-    :func:`aten_only` (those get the plain conv, so exported graphs hold standard ops); anything else runs
-    ``conv2d``. Same weights, state-dict keys and outputs (up to float rounding) either way."""
+
+class PointwiseConv2d(nn.Conv2d):
+    """1x1 conv (stride 1, no padding, one group) that runs as one matrix product on channels-last CPU maps.
+
+    On channels-last float32 CPU maps without gradients it is this library's C++ op (``pointwise_conv``,
+    :mod:`uniform_vit.layers.cpu_kernels`) over the map's token rows; without the kernels, oneDNN's matmul
+    (``torch.ops.mkldnn._linear_pointwise``). PyTorch's ``conv2d`` reaches oneDNN too, but each call pays for a
+    convolution primitive and its weight reorder: oneDNN's matmul ran the same product in up to 20 % less time and the
+    fused, traced uniform_t 1.09-1.10x faster (one thread, this project's Zen 5); on an AVX2 Zen 3 oneDNN's matmul
+    costs 50-80 us per call, and the C++ op ran UniForm's 1x1s 1.04-1.35x faster than it (benchmarks/RESULTS.md,
+    section 1, sessions 10 and 18). Anything else (NCHW maps, training, ``torch.compile``/``torch.export``/ONNX
+    export, :func:`aten_only`) runs ``conv2d``, so exported graphs hold standard ops. Same weights, state-dict keys
+    and outputs (up to float rounding) either way; the op reads a cached transposed copy of the weight."""
 
     def __init__(self, in_chs: int, out_chs: int, bias: bool = True, **kwargs):
         super().__init__(in_chs, out_chs, 1, bias=bias, **kwargs)
@@ -110,7 +147,19 @@ class PointwiseConv2d(nn.Conv2d):
                 and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
                 and not torch.is_autocast_enabled('cpu'))
 
+    def _kernel_op(self, x: torch.Tensor):
+        if not (POINTWISE_KERNEL and deploy_op_may_run(x, self.weight)):
+            return None
+        return cpu_kernels.pointwise_conv()  # None inside torch.compile / ONNX export, or without the kernels
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = self._kernel_op(x)
+        if op is not None:
+            B, C, H, W = x.shape
+            w = self.weight
+            wt, = kernel_layout(self, (w,), lambda: (w.reshape(w.shape[0], -1).t().contiguous(),))
+            y = op(x.permute(0, 2, 3, 1).reshape(B * H * W, C), wt, self.bias, False)
+            return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)
         if self._onednn_ok(x):
             fn = _pointwise_traceable() if torch.jit.is_tracing() else _pointwise_onednn
             return fn(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
@@ -267,20 +316,6 @@ class Residual(nn.Module):
 FFN_KERNEL = True  # A/B switch (benchmarks/scripts): ResidualFFN's C++ op where it is built
 
 
-def _untraced(fn: Callable[[], object]) -> object:
-    """``fn()`` with ``torch.jit.trace``'s recorder paused (torch's private tracing-state switch, as torch.onnx uses
-    it); plain ``fn()`` outside a trace or where torch lacks the switch."""
-    get, set_ = getattr(torch._C, '_get_tracing_state', None), getattr(torch._C, '_set_tracing_state', None)
-    state = get() if get is not None and set_ is not None else None
-    if state is None:
-        return fn()
-    set_(None)
-    try:
-        return fn()
-    finally:
-        set_(state)
-
-
 class ResidualFFN(Residual):
     """Deploy form of ``Residual(FFN)``: x + pw2(relu(pw1(x))) with both 1x1 convs fused with their BatchNorms.
 
@@ -293,23 +328,10 @@ class ResidualFFN(Residual):
     Same keys: the transposed weights the op reads are a cache (a second copy of the FFN's weights in memory),
     rebuilt when the weights change (``load_state_dict``, ``.to()``)."""
 
-    def __init__(self, m: nn.Module):
-        super().__init__(m)
-        self._transposed: tuple = ((), None, None)
-
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         w1, w2 = self.m.pw1.weight, self.m.pw2.weight
-        key = (w1.data_ptr(), w1._version, w2.data_ptr(), w2._version)
-        if self._transposed[0] != key:
-            def transpose() -> tuple:
-                with torch.no_grad():
-                    return (key, w1.reshape(w1.shape[0], -1).t().contiguous(),
-                            w2.reshape(w2.shape[0], -1).t().contiguous())
-
-            # hidden from torch.jit.trace, which would otherwise record the transposes in the first trace only (its
-            # check re-traces and finds the cache): a trace holds the cached copies as constants either way
-            self._transposed = _untraced(transpose)
-        return self._transposed[1], self._transposed[2]
+        return kernel_layout(self, (w1, w2), lambda: (w1.reshape(w1.shape[0], -1).t().contiguous(),
+                                                      w2.reshape(w2.shape[0], -1).t().contiguous()))
 
     def _kernel_op(self, x: torch.Tensor):
         pw1, pw2 = self.m.pw1, self.m.pw2

@@ -1,12 +1,15 @@
 """Optional C++ kernels for x86 CPUs, one library (``csrc/``): the query-tiled Reuse Attention core in one op
 (``reuse_core.cpp``), the stem's first conv + ReLU, read from NCHW and written channels-last (``stem_conv.cpp``),
-depthwise convs on channels-last maps (``depthwise_conv.cpp``) and the residual FFN (``residual_ffn.cpp``).
+depthwise convs on channels-last maps (``depthwise_conv.cpp``), the residual FFN (``residual_ffn.cpp``), 1x1 convs
+(``pointwise_conv.cpp``) and the stem's 3x3 stride-2 convs (``conv3x3_s2.cpp``); the last three share one
+register-blocked product (``tile_gemm.h``).
 
 It is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja: the tools ``torch.compile``
 needs on CPU too; ninja comes with this package), for CPUs where PyTorch itself dispatches to AVX-512 or AVX2, in
 about 15-30 s, and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 Elsewhere, or where the build fails (a warning says why, once), :func:`reuse_core`, :func:`stem_conv`,
-:func:`depthwise_conv` and :func:`residual_ffn` return None and their callers keep ATen ops.
+:func:`depthwise_conv`, :func:`residual_ffn`, :func:`pointwise_conv` and :func:`conv3x3_s2` return None and their
+callers keep ATen ops.
 ``UNIFORM_VIT_CPU_KERNELS=0`` turns the kernels off (A/B runs, or to skip the build). Why kernels at all:
 benchmarks/RESULTS.md, section 1, sessions 14 and 17."""
 
@@ -23,7 +26,8 @@ from pathlib import Path
 import torch
 
 ENV = 'UNIFORM_VIT_CPU_KERNELS'
-OPS = ('reuse_core', 'stem_conv', 'depthwise_conv', 'residual_ffn')  # one source file each
+OPS = ('reuse_core', 'stem_conv', 'depthwise_conv', 'residual_ffn', 'pointwise_conv', 'conv3x3_s2',
+       'expand_dw')  # one source file each
 SOURCES = tuple(Path(__file__).with_name('csrc') / f'{op}.cpp' for op in OPS)
 # the vector ISA PyTorch reports -> ATen's build macro and the compiler flags (as inductor builds its CPU code). The
 # kernel's register blocking follows the ISA (24 accumulators in AVX-512's 32 registers, 12 in AVX2's 16): built with
@@ -104,8 +108,8 @@ def _announce_build(name: str) -> None:
 
 def _register_flop_formulas() -> None:
     """Teach ``torch.utils.flop_counter`` the ops, or FLOP counts would miss them: the attention core's logits
-    (2 N^2 Cq per image) and value product (2 N^2 C), the stem conv's 2 Cin 9 Cout and the depthwise conv's 2 C k^2
-    per output pixel, the FFN's two products (4 C H per token)."""
+    (2 N^2 Cq per image) and value product (2 N^2 C), the stem convs' 2 Cin 9 Cout and the depthwise conv's 2 C k^2
+    per output pixel, the FFN's two products (4 C H per token), the 1x1 conv's 2 K N per token."""
     from torch.utils.flop_counter import register_flop_formula
 
     def core_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
@@ -123,9 +127,22 @@ def _register_flop_formulas() -> None:
     def ffn_flops(x_shape, w1t_shape, *args, out_shape=None, **kwargs) -> int:
         return 4 * x_shape[0] * w1t_shape[0] * w1t_shape[1]  # two products of M x C x H
 
+    def pointwise_flops(x_shape, wt_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * x_shape[0] * wt_shape[0] * wt_shape[1]
+
+    def conv3x3_flops(x_shape, wt_shape, *args, out_shape=None, **kwargs) -> int:
+        b, cin, h, w = x_shape
+        return 2 * b * ((h + 1) // 2) * ((w + 1) // 2) * wt_shape[3] * cin * 9
+
+    def expand_dw_flops(x_shape, w1t_shape, *args, out_shape=None, **kwargs) -> int:
+        b, c, h, w = x_shape
+        x = w1t_shape[1]
+        return 2 * b * h * w * c * x + 2 * b * ((h + 1) // 2) * ((w + 1) // 2) * x * 9
+
     ops = torch.ops.uniform_vit
     for op, fn in ((ops.reuse_core, core_flops), (ops.stem_conv, stem_flops), (ops.depthwise_conv, depthwise_flops),
-                   (ops.residual_ffn, ffn_flops)):
+                   (ops.residual_ffn, ffn_flops), (ops.pointwise_conv, pointwise_flops),
+                   (ops.conv3x3_s2, conv3x3_flops), (ops.expand_dw, expand_dw_flops)):
         with contextlib.suppress(RuntimeError, ValueError):  # registered already (a re-imported module)
             register_flop_formula(op)(fn)
 
@@ -170,3 +187,23 @@ def residual_ffn() -> Callable[..., torch.Tensor] | None:
     """``residual_ffn(x, w1t, b1, w2t, b2)``: ``x + relu(x @ w1t + b1) @ w2t + b2`` for float32 CPU token rows
     ``x`` (M, C), ``w1t`` (C, H), ``w2t`` (H, C); or None (see :func:`_recordable_op`)."""
     return _recordable_op('residual_ffn')
+
+
+def pointwise_conv() -> Callable[..., torch.Tensor] | None:
+    """``pointwise_conv(x, wt, b, relu)``: ``x @ wt + b`` (then a ReLU when ``relu``) for float32 CPU token rows
+    ``x`` (M, K) and ``wt`` (K, N), ``b`` (N) or None; or None (see :func:`_recordable_op`)."""
+    return _recordable_op('pointwise_conv')
+
+
+def conv3x3_s2() -> Callable[..., torch.Tensor] | None:
+    """``conv3x3_s2(x, wt, b, relu)``: ``conv2d(x, w, b, stride=2, padding=1)`` (then a ReLU when ``relu``) for a
+    float32 CPU map ``x`` (B, Cin, H, W) (channels-last is read in place) and the weight as ``wt`` (3, 3, Cin, Cout),
+    ``b`` (Cout) or None, returned in channels-last memory; or None (see :func:`_recordable_op`)."""
+    return _recordable_op('conv3x3_s2')
+
+
+def expand_dw() -> Callable[..., torch.Tensor] | None:
+    """``expand_dw(x, w1t, b1, wdw, bdw)``: patch merging's ``relu(dwconv3x3_s2(relu(1x1(x))))`` for a float32 CPU
+    map ``x`` (B, C, H, W) (channels-last is read in place), the expansion's weight as ``w1t`` (C, X), the depthwise
+    weight as ``wdw`` (3, 3, X), returned in channels-last memory; or None (see :func:`_recordable_op`)."""
+    return _recordable_op('expand_dw')

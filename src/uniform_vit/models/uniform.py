@@ -28,7 +28,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers import cpu_kernels
 from ..layers.attention import WindowAttention, create_attention
-from ..layers.conv import FFN, BNLinear, ConvNorm, Residual, deploy_op_may_run
+from ..layers.conv import FFN, BNLinear, ConvNorm, PointwiseConv2d, Residual, deploy_op_may_run, kernel_layout
 from ..layers.fuse import fuse_children, fuse_inplace
 
 __all__ = ['UniForm', 'UniFormConfig']
@@ -93,6 +93,8 @@ class DeployStem(nn.Sequential):
 
     chunks = 2
     stem_kernel = True
+    conv_kernel = True
+    conv_kernel_max_out = 32  # the C++ 3x3 conv for layers this narrow only; oneDNN is faster for wider ones
 
     def _first_layer_op(self, x: torch.Tensor):
         """The C++ first conv + ReLU, or None where it does not apply."""
@@ -105,13 +107,32 @@ class DeployStem(nn.Sequential):
             return None
         return cpu_kernels.stem_conv()
 
+    def _conv_op(self, conv: nn.Module, x: torch.Tensor):
+        """The C++ 3x3 stride-2 conv (+ ReLU) for a later layer, or None where it does not apply."""
+        if not (self.conv_kernel and type(conv) is nn.Conv2d and conv.out_channels <= self.conv_kernel_max_out
+                and conv.kernel_size == (3, 3)
+                and conv.stride == (2, 2) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+                and conv.padding_mode == 'zeros' and deploy_op_may_run(x, conv.weight)):
+            return None
+        return cpu_kernels.conv3x3_s2()
+
     def _run(self, x: torch.Tensor) -> torch.Tensor:
+        layers, i = list(self), 0
         op = self._first_layer_op(x)
         if op is None:
-            return super().forward(_to_channels_last(x))
-        x = op(x, self[0].weight, self[0].bias, True)
-        for m in list(self)[2:]:
-            x = m(x)
+            x = _to_channels_last(x)
+        else:
+            x, i = op(x, self[0].weight, self[0].bias, True), 2
+        while i < len(layers):
+            m = layers[i]
+            relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+            op = self._conv_op(m, x)
+            if op is None:
+                x, i = m(x), i + 1
+                continue
+            w = m.weight
+            wt, = kernel_layout(m, (w,), lambda w=w: (w.permute(2, 3, 1, 0).contiguous(),))
+            x, i = op(x, wt, m.bias, relu), i + (2 if relu else 1)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,8 +173,41 @@ class PatchMerging(nn.Module):
 
     def fuse(self) -> nn.Module:
         fused = fuse_children(self)
+        fused.__class__ = DeployPatchMerging  # the same module with the deploy forward (no state of its own)
         fused.act1, fused.act2 = nn.ReLU(inplace=True), nn.ReLU(inplace=True)  # on fresh conv outputs
         return fused
+
+
+class DeployPatchMerging(PatchMerging):
+    """Fused patch merging (same children and state-dict keys). On x86 CPUs where this library's C++ kernels are
+    built (:mod:`uniform_vit.layers.cpu_kernels`), the expansion, its ReLU, the stride-2 depthwise conv and its ReLU
+    run as one op (``expand_dw``) on channels-last float32 maps without gradients: the expansion's rows are made as
+    the depthwise conv needs them and never go out to memory as the network's widest map (4x the channels at full
+    resolution). ``expand_kernel = False`` (or ``UNIFORM_VIT_CPU_KERNELS=0``) keeps the separate layers."""
+
+    expand_kernel = True
+
+    def _kernel_op(self, x: torch.Tensor):
+        c1, c2 = self.conv1, self.conv2
+        if not (self.expand_kernel and isinstance(c1, PointwiseConv2d) and isinstance(self.act1, nn.ReLU)
+                and isinstance(self.act2, nn.ReLU) and c1.bias is not None and c2.bias is not None
+                and c2.kernel_size == (3, 3) and c2.stride == (2, 2) and c2.padding == (1, 1)
+                and c2.dilation == (1, 1) and c2.groups == c2.in_channels == c2.out_channels == c1.out_channels
+                and deploy_op_may_run(x, c1.weight, c2.weight)):
+            return None
+        return cpu_kernels.expand_dw()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = self._kernel_op(x)
+        if op is None:
+            return super().forward(x)
+        w1, w2 = self.conv1.weight, self.conv2.weight
+        w1t, wdw = kernel_layout(self, (w1, w2), lambda: (w1.reshape(w1.shape[0], -1).t().contiguous(),
+                                                          w2[:, 0].permute(1, 2, 0).contiguous()))
+        return self.conv3(self.se(op(x, w1t, self.conv1.bias, wdw, self.conv2.bias)))
+
+    def fuse(self) -> nn.Module:
+        return self  # already the deploy form
 
 
 def _dw_ffn(dim: int, mlp_ratio: float, dw_bn_init: float, dpr: float) -> list[nn.Module]:

@@ -1,0 +1,61 @@
+// 1x1 convs of the deploy form as one CPU op (uniform_vit/layers/cpu_kernels.py builds it with reuse_core.cpp;
+// uniform_vit/layers/conv.py, PointwiseConv2d, calls it).
+//
+//   out = act(x wt + b)     x: (M, K) token rows (a flattened channels-last map), wt: (K, N) the conv's weight
+//   transposed, b: (N) or None, act: ReLU or nothing; float32, out (M, N).
+//
+// Why not oneDNN's matmul, which ran these before: on an AVX2 CPU its brgemm kernel costs a fixed 50-80 us per call
+// and ran the widest of UniForm's 1x1s (patch merging's expansion, 128 -> 512 channels over 3136 tokens) at about
+// half the core's FMA peak; a ReLU after it was one more pass over the map (benchmarks/RESULTS.md, section 1,
+// session 18). Here tiles of TR token rows go through tile_gemm.h's register blocks, the ReLU in the epilogue.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "tile_gemm.h"
+
+namespace {
+
+using uniform_vit_tile::Epi;
+using uniform_vit_tile::gemm_rows;
+constexpr int64_t TR = 8 * uniform_vit_tile::R;  // token rows per task
+
+at::Tensor pointwise_conv(const at::Tensor& x_, const at::Tensor& wt_, const std::optional<at::Tensor>& b_,
+                          bool relu) {
+  TORCH_CHECK(x_.dim() == 2 && wt_.dim() == 2, "pointwise_conv: expected x (M, K) and wt (K, N), got x ", x_.sizes(),
+              ", wt ", wt_.sizes());
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && wt_.scalar_type() == at::kFloat &&
+                  (!b_ || b_->scalar_type() == at::kFloat),
+              "pointwise_conv: float32 tensors only");
+  const int64_t M = x_.size(0), K = x_.size(1), N = wt_.size(1);
+  TORCH_CHECK(wt_.size(0) == K, "pointwise_conv: x has ", K, " channels, wt ", wt_.size(0), " rows");
+  TORCH_CHECK(!b_ || (b_->dim() == 1 && b_->size(0) == N), "pointwise_conv: bias must be (", N, ")");
+  const at::Tensor x = x_.contiguous(), wt = wt_.contiguous();
+  const at::Tensor b = b_ ? b_->contiguous() : at::zeros({N}, x.options());
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const float* X = x.data_ptr<float>();
+  const float* W = wt.data_ptr<float>();
+  const float* B = b.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, (M + TR - 1) / TR, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * TR, m = std::min(TR, M - r0);
+      if (relu) gemm_rows<Epi::kRelu>(X + r0 * K, K, m, K, W, N, B, nullptr, 0, O + r0 * N, N);
+      else gemm_rows<Epi::kNone>(X + r0 * K, K, m, K, W, N, B, nullptr, 0, O + r0 * N, N);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(uniform_vit, m) { m.def("pointwise_conv(Tensor x, Tensor wt, Tensor? b, bool relu) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(uniform_vit, CPU, m) { m.impl("pointwise_conv", &pointwise_conv); }

@@ -1,0 +1,130 @@
+// The register-blocked product shared by the deploy form's dense CPU ops (residual_ffn.cpp, pointwise_conv.cpp,
+// conv3x3_s2.cpp; uniform_vit/layers/cpu_kernels.py builds them into one library).
+//
+//   c[r, j] = epilogue(bias[j] + sum_s sum_k a[r * lda + aoff[s] + k] * b[boff[s] + k * ldb + j])
+//
+// One segment (aoff = boff = 0) is a plain matrix product of a (M x K, row stride lda) and b (K x N, row stride ldb).
+// Several segments are an implicit-GEMM convolution on a channels-last map: a segment is a run of K input values
+// that lie next to each other in memory (one kernel row: 3 taps x Cin channels), and the rows r are output pixels
+// whose windows are lda floats apart (2 Cin for a stride-2 conv), so no im2col copy is made. The epilogue is
+// nothing, a ReLU, or the add of a residual res (row stride ldr).
+//
+// Register blocks: R rows x 2 vectors of output columns (6 x 16 with AVX2, 12 x 32 with AVX-512: 12 or 24
+// accumulators, 2 column vectors and 1 broadcast), the column panel outer so that its rows of b stay in L1 across
+// the row blocks; narrower panels and scalar columns for the tails. At UniForm's shapes on an AVX2 Zen 3 this reaches
+// 63-88 GFLOP/s against the core's 93 GFLOP/s FMA peak (benchmarks/RESULTS.md, section 1, sessions 17 and 18).
+
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace uniform_vit_tile {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t V = Vec::size();
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int R = 12;  // rows per register block: 24 accumulators + 2 column vectors + 1 broadcast of 32 registers
+#else
+constexpr int R = 6;   // 12 accumulators + 2 column vectors + 1 broadcast of AVX2's 16 registers
+#endif
+constexpr int NV = 2;  // output column vectors per register block
+
+enum class Epi { kNone, kRelu, kAdd };
+
+// Where the K-runs of one output row lie: nseg segments at a + aoff[s] (rows lda apart) against b + boff[s].
+struct Segments {
+  int n = 1;
+  int64_t aoff[9] = {0};
+  int64_t boff[9] = {0};
+};
+
+template <int RR, int NVV, Epi E>
+inline void mk(const float* a, int64_t lda, const Segments& sg, int64_t K, const float* b, int64_t ldb,
+               const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc) {
+  Vec acc[RR][NVV];
+  for (int m = 0; m < NVV; ++m) {
+    const Vec bv = Vec::loadu(bias + m * V);
+    for (int r = 0; r < RR; ++r) acc[r][m] = bv;
+  }
+  for (int s = 0; s < sg.n; ++s) {
+    const float* as = a + sg.aoff[s];
+    const float* bs = b + sg.boff[s];
+    for (int64_t k = 0; k < K; ++k) {
+      Vec bk[NVV];
+      for (int m = 0; m < NVV; ++m) bk[m] = Vec::loadu(bs + k * ldb + m * V);
+      for (int r = 0; r < RR; ++r) {
+        const Vec ab(as[r * lda + k]);
+        for (int m = 0; m < NVV; ++m) acc[r][m] = at::vec::fmadd(ab, bk[m], acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int m = 0; m < NVV; ++m) {
+      Vec y = acc[r][m];
+      if constexpr (E == Epi::kRelu) y = at::vec::clamp_min(y, Vec(0.f));
+      if constexpr (E == Epi::kAdd) y = y + Vec::loadu(res + r * ldr + m * V);
+      y.store(c + r * ldc + m * V);
+    }
+}
+
+// columns j0 .. j1 of rows 0 .. RR - 1: full panels, then single vectors, then scalars
+template <int RR, Epi E>
+inline void rows(const float* a, int64_t lda, const Segments& sg, int64_t K, const float* b, int64_t ldb,
+                 const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc, int64_t j0, int64_t j1) {
+  int64_t j = j0;
+  const auto rj = [&](int64_t jj) { return E == Epi::kAdd ? res + jj : nullptr; };
+  for (; j + NV * V <= j1; j += NV * V) mk<RR, NV, E>(a, lda, sg, K, b + j, ldb, bias + j, rj(j), ldr, c + j, ldc);
+  for (; j + V <= j1; j += V) mk<RR, 1, E>(a, lda, sg, K, b + j, ldb, bias + j, rj(j), ldr, c + j, ldc);
+  for (; j < j1; ++j)
+    for (int r = 0; r < RR; ++r) {
+      float acc = bias[j];
+      for (int s = 0; s < sg.n; ++s)
+        for (int64_t k = 0; k < K; ++k) acc += a[r * lda + sg.aoff[s] + k] * b[sg.boff[s] + k * ldb + j];
+      if constexpr (E == Epi::kRelu) acc = std::max(acc, 0.f);
+      if constexpr (E == Epi::kAdd) acc += res[r * ldr + j];
+      c[r * ldc + j] = acc;
+    }
+}
+
+// c (M x N) = epilogue(bias + product) for M rows (a tile: a few dozen), column panels outer, row blocks inner
+template <Epi E>
+void gemm_tile(const float* a, int64_t lda, int64_t M, const Segments& sg, int64_t K, const float* b, int64_t ldb,
+               int64_t N, const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < N; j0 += NV * V) {
+    const int64_t j1 = std::min(N, j0 + NV * V);
+    for (int64_t r = 0; r < M;) {
+      int64_t rr = std::min<int64_t>(R, M - r);  // rows in this block (the last block of a tile may be smaller)
+      const float* ar = a + r * lda;
+      const float* rs = E == Epi::kAdd ? res + r * ldr : nullptr;
+      float* cr = c + r * ldc;
+      switch (rr) {
+#if defined(CPU_CAPABILITY_AVX512)
+        case 12: rows<12, E>(ar, lda, sg, K, b, ldb, bias, rs, ldr, cr, ldc, j0, j1); break;
+        case 11: case 10: case 9: case 8:
+          rows<8, E>(ar, lda, sg, K, b, ldb, bias, rs, ldr, cr, ldc, j0, j1);
+          rr = 8;
+          break;
+        case 7:
+#endif
+        case 6: rows<6, E>(ar, lda, sg, K, b, ldb, bias, rs, ldr, cr, ldc, j0, j1); rr = 6; break;
+        case 5: case 4: rows<4, E>(ar, lda, sg, K, b, ldb, bias, rs, ldr, cr, ldc, j0, j1); rr = 4; break;
+        case 3: case 2: rows<2, E>(ar, lda, sg, K, b, ldb, bias, rs, ldr, cr, ldc, j0, j1); rr = 2; break;
+        default: rows<1, E>(ar, lda, sg, K, b, ldb, bias, rs, ldr, cr, ldc, j0, j1); rr = 1;
+      }
+      r += rr;
+    }
+  }
+}
+
+// plain product (one segment) over rows 0 .. M - 1
+template <Epi E>
+inline void gemm_rows(const float* a, int64_t lda, int64_t M, int64_t K, const float* b, int64_t N,
+                      const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc) {
+  gemm_tile<E>(a, lda, M, Segments{}, K, b, N, N, bias, res, ldr, c, ldc);
+}
+
+}  // namespace uniform_vit_tile
