@@ -275,6 +275,12 @@ def test_depthwise_conv_matches_aten(c, k, stride, dw_op):
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (h, wd)
     assert torch.allclose(dw_op(x, w, None, stride), F.conv2d(x, w, None, stride, k // 2, 1, c), atol=1e-5)
     assert torch.equal(dw_op(x.contiguous(), w, b, stride), out)  # an NCHW input is read through a copy
+    # a channel slice of a wider channels-last map (attention's queries) is read in place
+    wide = torch.randn(2, c + 7, x.shape[2], x.shape[3], generator=g).contiguous(memory_format=torch.channels_last)
+    wide[:, 3:3 + c] = x
+    part = wide[:, 3:3 + c]
+    assert conv_mod.channels_innermost(part) and not part.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(dw_op(part, w, b, stride), out)
 
 
 @needs_kernel
@@ -322,6 +328,10 @@ def test_depthwise_module_uses_the_kernel_where_it_may(monkeypatch, dw_op):
         with torch.no_grad():
             with OpLog() as log:
                 out = m(x)
+            assert log.ops == ['uniform_vit.depthwise_conv'] and torch.allclose(out, ref, atol=1e-5)
+            part = torch.cat([x, x], 1).contiguous(memory_format=torch.channels_last)[:, 24:]
+            with OpLog() as log:  # a channel slice (attention's queries) too, read in place
+                out = m(part)
             assert log.ops == ['uniform_vit.depthwise_conv'] and torch.allclose(out, ref, atol=1e-5)
             with OpLog() as log:  # NCHW maps keep ATen's conv
                 assert torch.allclose(m(x.contiguous()), ref, atol=1e-5)

@@ -37,6 +37,10 @@ outputs agree. Variants:
   ``DeployStem.conv_kernel_max_out`` (32) output channels (session 18).
 * ``pm-separate``: patch merging's expansion, ReLU, stride-2 depthwise conv and ReLU as separate layers instead of
   the C++ ``expand_dw`` op (session 18).
+* ``se-timm``: patch merging's squeeze-excite as timm's module (1x1 convs and a multiply on 1x1 maps) instead of
+  matrix products on the (B, C) means and one broadcast multiply over the token rows (session 18).
+* ``dw-slices-aten``: depthwise convs whose input is a channel slice of a channels-last map (attention's queries)
+  through ATen, as before session 18, instead of the C++ op reading the slice in place.
 * ``prepacked1x1``: every 1x1 conv's oneDNN matmul on a weight reordered once into oneDNN's blocked layout
   (``mkldnn._reorder_linear_weight``, kept as an mkldnn buffer, which a trace accepts) instead of the plain (O, C)
   weight that the matmul packs again on every call (session 17).
@@ -65,7 +69,7 @@ from uniform_vit.layers.conv import (
     _pointwise_traceable,
 )
 from uniform_vit.layers.fuse import reparameterize
-from uniform_vit.models.uniform import DeployStem, PatchMerging, _to_channels_last
+from uniform_vit.models.uniform import DeployPatchMerging, DeployStem, PatchMerging, _to_channels_last
 from uniform_vit.utils.malloc import tune_allocator
 
 Scalars = list[int | float | complex | None]  # TorchScript's spelling of the op's Scalar?[]
@@ -192,6 +196,12 @@ def _prepacked_1x1(self: PointwiseConv2d, x: torch.Tensor) -> torch.Tensor:
     return y.view(B, H, W, -1).permute(0, 3, 1, 2)
 
 
+def _dw_slices_aten(self: DepthwiseConv2d, x: torch.Tensor) -> torch.Tensor:
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return DepthwiseConv2d.forward(self, x)
+    return _dw_aten(self, x)
+
+
 def _pw_onednn(self: PointwiseConv2d, x: torch.Tensor) -> torch.Tensor:
     if not self._onednn_ok(x):
         return nn.Conv2d.forward(self, x)
@@ -269,6 +279,14 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         for m in model.modules():
             if isinstance(m, PatchMerging):
                 m.expand_kernel = False
+    elif variant == 'dw-slices-aten':
+        for m in model.modules():
+            if isinstance(m, DepthwiseConv2d):
+                m.forward = types.MethodType(_dw_slices_aten, m)
+    elif variant == 'se-timm':
+        for m in model.modules():
+            if isinstance(m, DeployPatchMerging):
+                m._squeeze_excite = types.MethodType(lambda self, y: self.se(y), m)
     elif variant == 'stem3x3-aten':
         stem.conv_kernel = False
     elif variant == 'stem3x3-all':
@@ -285,7 +303,7 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
 VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'stem-one-transpose', 'conv1x1', 'mkl1x1',
             'linear-relu', 'linear-relu-add', 'stem-contiguous', 'stem-nchw-wcl', 'pm-chunks2', 'pm-chunks4',
             'stem-aten', 'dw-aten', 'prepacked1x1', 'ffn-onednn', 'pw-onednn', 'stem3x3-aten',
-            'stem3x3-all', 'pm-separate')
+            'stem3x3-all', 'pm-separate', 'se-timm', 'dw-slices-aten')
 
 
 def main() -> None:

@@ -180,19 +180,27 @@ def deploy_op_may_run(x: torch.Tensor, *weights: torch.Tensor, channels_last: bo
             and not _ATEN_ONLY and not torch.is_autocast_enabled('cpu'))
 
 
+def channels_innermost(x: torch.Tensor) -> bool:
+    """A (B, C, H, W) map whose channels lie next to each other: channels-last memory, or a channel slice of it (the
+    queries cut from one conv's output), which the depthwise op reads in place."""
+    return (x.dim() == 4 and x.stride(1) == 1 and x.stride(3) >= x.shape[1]
+            and x.stride(2) >= x.shape[3] * x.stride(3) and x.stride(0) >= x.shape[2] * x.stride(2))
+
+
 class DepthwiseConv2d(SameConv2d):
     """Depthwise conv (one group per channel) with an odd square kernel, 'same' padding k // 2 and stride 1 or 2.
 
-    On channels-last float32 CPU maps without gradients it runs as this library's C++ op (``depthwise_conv``,
-    :mod:`uniform_vit.layers.cpu_kernels`): oneDNN ran UniForm's depthwise convs, a few MFLOP over maps of a few
-    hundred KB each, at 3-8 GB/s on an AVX2 CPU; the op sums only the taps inside the map, 8 channels per vector,
-    1.3-2.1x faster per conv, the fused, traced uniform_t about 1.05x (benchmarks/RESULTS.md, section 1, session 17).
-    Elsewhere (no kernel, NCHW maps, training, ``torch.compile``/``torch.export``/ONNX, :func:`aten_only`) it is
-    :class:`SameConv2d` at stride 1 and a plain conv at stride 2. Same weights, keys and outputs (to rounding)."""
+    On channels-last float32 CPU maps (or channel slices of them) without gradients it runs as this library's C++ op
+    (``depthwise_conv``, :mod:`uniform_vit.layers.cpu_kernels`): oneDNN ran UniForm's depthwise convs, a few MFLOP
+    over maps of a few hundred KB each, at 3-8 GB/s on an AVX2 CPU; the op sums only the taps inside the map, 8
+    channels per vector, 1.3-2.1x faster per conv, the fused, traced uniform_t about 1.05x (benchmarks/RESULTS.md,
+    section 1, session 17). Elsewhere (no kernel, NCHW maps, training, ``torch.compile``/``torch.export``/ONNX,
+    :func:`aten_only`) it is :class:`SameConv2d` at stride 1 and a plain conv at stride 2. Same weights, keys and
+    outputs (to rounding)."""
 
     def _kernel_op(self, x: torch.Tensor):
         if not (DEPTHWISE_KERNEL and self.dilation == (1, 1) and self.padding_mode == 'zeros'
-                and deploy_op_may_run(x, self.weight)):
+                and deploy_op_may_run(x, self.weight, channels_last=False) and channels_innermost(x)):
             return None
         return cpu_kernels.depthwise_conv()  # None inside torch.compile / ONNX export, or without the kernels
 

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import SqueezeExcite, trunc_normal_
+from timm.layers.activations import Sigmoid as TimmSigmoid
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -183,7 +185,11 @@ class DeployPatchMerging(PatchMerging):
     built (:mod:`uniform_vit.layers.cpu_kernels`), the expansion, its ReLU, the stride-2 depthwise conv and its ReLU
     run as one op (``expand_dw``) on channels-last float32 maps without gradients: the expansion's rows are made as
     the depthwise conv needs them and never go out to memory as the network's widest map (4x the channels at full
-    resolution). ``expand_kernel = False`` (or ``UNIFORM_VIT_CPU_KERNELS=0``) keeps the separate layers."""
+    resolution). The squeeze-excite then runs on the map's token rows: a mean over tokens, its two 1x1 convs as
+    matrix products of the (B, 4E) means, and the gate as one broadcast multiply. As 1x1 convs and a multiply of 1x1
+    maps timm's module took 2.5-3x as long on an AVX2 CPU, most of it fixed cost per call (benchmarks/RESULTS.md,
+    section 1, session 18). ``expand_kernel = False`` (or ``UNIFORM_VIT_CPU_KERNELS=0``) keeps the separate
+    layers."""
 
     expand_kernel = True
 
@@ -197,6 +203,18 @@ class DeployPatchMerging(PatchMerging):
             return None
         return cpu_kernels.expand_dw()
 
+    def _squeeze_excite(self, y: torch.Tensor) -> torch.Tensor:
+        """timm's ``SqueezeExcite`` (ReLU, no norm, sigmoid gate) on a channels-last map's (B, H*W, C) token rows."""
+        se = self.se
+        if not (isinstance(se, SqueezeExcite) and isinstance(se.bn, nn.Identity) and isinstance(se.act, nn.ReLU)
+                and isinstance(se.gate, (nn.Sigmoid, TimmSigmoid)) and not se.add_maxpool):
+            return se(y)
+        B, C, H, W = y.shape
+        t = y.permute(0, 2, 3, 1).reshape(B, H * W, C)  # channels-last memory: a view
+        s = F.linear(t.mean(1), se.fc1.weight.flatten(1), se.fc1.bias).relu_()
+        s = torch.sigmoid(F.linear(s, se.fc2.weight.flatten(1), se.fc2.bias))
+        return (t * s[:, None]).view(B, H, W, C).permute(0, 3, 1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = self._kernel_op(x)
         if op is None:
@@ -204,7 +222,7 @@ class DeployPatchMerging(PatchMerging):
         w1, w2 = self.conv1.weight, self.conv2.weight
         w1t, wdw = kernel_layout(self, (w1, w2), lambda: (w1.reshape(w1.shape[0], -1).t().contiguous(),
                                                           w2[:, 0].permute(1, 2, 0).contiguous()))
-        return self.conv3(self.se(op(x, w1t, self.conv1.bias, wdw, self.conv2.bias)))
+        return self.conv3(self._squeeze_excite(op(x, w1t, self.conv1.bias, wdw, self.conv2.bias)))
 
     def fuse(self) -> nn.Module:
         return self  # already the deploy form

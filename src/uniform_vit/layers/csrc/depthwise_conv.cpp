@@ -1,8 +1,9 @@
 // Depthwise convolution on channels-last maps in one CPU op (uniform_vit/layers/cpu_kernels.py builds it with
 // reuse_core.cpp; uniform_vit/layers/conv.py, DepthwiseConv2d, calls it).
 //
-//   out = conv2d(x, w, b, stride, padding = k // 2, groups = C)    x: (B, C, H, W) float32 (channels-last memory is
-//   read in place, anything else is copied to it first); w: (C, 1, k, k), k odd; out: channels-last.
+//   out = conv2d(x, w, b, stride, padding = k // 2, groups = C)    x: (B, C, H, W) float32 (read in place when its
+//   channels are innermost: channels-last memory, or a channel slice of it such as attention's queries cut from one
+//   conv's output; anything else is copied to channels-last first); w: (C, 1, k, k), k odd; out: channels-last.
 //
 // Why: UniForm's depthwise convs (the sandwich's 3x3s with the residual folded in, attention's 7x7 query and value
 // convs on 7x7 windows, patch merging's stride-2 3x3) are tiny, 2-20 MFLOP over maps of a few hundred KB, and
@@ -27,9 +28,9 @@
 namespace {
 
 struct Window {
-  const float* x;  // the image's (H, W, C) map, shifted to channel c0
+  const float* x;  // the image's (H, W, C) map, shifted to channel c0; pixels sx floats apart, rows sy
   const float* w;  // (k*k, C) weights, shifted to channel c0
-  int64_t C, W, k, iy0, ix0, ky0, ky1, kx0, kx1;
+  int64_t C, sx, sy, k, iy0, ix0, ky0, ky1, kx0, kx1;
 };
 
 // NV vectors of channels; S partial sums per vector (kernel rows take turns); MASKED: the last vector is partial
@@ -42,11 +43,11 @@ inline void pixel(const Window& a, const float* bias, float* out, __m256i mask) 
     return (MASKED && r == NV - 1) ? _mm256_maskload_ps(p + 8 * r, mask) : _mm256_loadu_ps(p + 8 * r);
   };
   auto row = [&](int64_t ky, __m256* acc_s) {
-    const float* xr = a.x + (a.iy0 + ky) * a.W * a.C;  // input column ix0 + kx is xr + (ix0 + kx) C
+    const float* xr = a.x + (a.iy0 + ky) * a.sy;  // input column ix0 + kx is xr + (ix0 + kx) sx
     const float* wr = a.w + ky * a.k * a.C;
     for (int64_t kx = a.kx0; kx < a.kx1; ++kx)
       for (int r = 0; r < NV; ++r)
-        acc_s[r] = _mm256_fmadd_ps(load(xr + (a.ix0 + kx) * a.C, r), load(wr + kx * a.C, r), acc_s[r]);
+        acc_s[r] = _mm256_fmadd_ps(load(xr + (a.ix0 + kx) * a.sx, r), load(wr + kx * a.C, r), acc_s[r]);
   };
   int64_t ky = a.ky0;
   for (; ky + S <= a.ky1; ky += S) {
@@ -98,7 +99,11 @@ at::Tensor depthwise_conv(const at::Tensor& x_, const at::Tensor& w, const std::
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == C,
               "depthwise_conv: bias must be float32 (C)");
   const int64_t p = k / 2, OH = (H - 1) / stride + 1, OW = (W - 1) / stride + 1;  // 'same' padding k // 2
-  const at::Tensor x = x_.contiguous(at::MemoryFormat::ChannelsLast);
+  // channels innermost (channels-last, or a channel slice of it): read in place; else a channels-last copy
+  const bool in_place = x_.stride(1) == 1 && x_.stride(3) >= C && x_.stride(2) >= W * x_.stride(3) &&
+                        x_.stride(0) >= H * x_.stride(2);
+  const at::Tensor x = in_place ? x_ : x_.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t sx = x.stride(3), sy = x.stride(2), sb = x.stride(0);
   const at::Tensor wt = w.reshape({C, k * k}).t().contiguous();  // (k*k, C): one row of C per tap
   at::Tensor out = at::empty({B, C, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
@@ -109,7 +114,7 @@ at::Tensor depthwise_conv(const at::Tensor& x_, const at::Tensor& w, const std::
   at::parallel_for(0, B * OH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t img = t / OH, oy = t % OH, iy0 = oy * stride - p;
-      Window a{xp + img * H * W * C, wp, C, W, k, iy0, 0, std::max<int64_t>(0, -iy0), std::min(k, H - iy0), 0, 0};
+      Window a{xp + img * sb, wp, C, sx, sy, k, iy0, 0, std::max<int64_t>(0, -iy0), std::min(k, H - iy0), 0, 0};
       for (int64_t ox = 0; ox < OW; ++ox) {
         a.ix0 = ox * stride - p;
         a.kx0 = std::max<int64_t>(0, -a.ix0);

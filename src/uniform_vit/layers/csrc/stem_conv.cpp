@@ -29,7 +29,7 @@ namespace {
 // Registers (16 in AVX2): P x NV accumulators + 3 NV weight vectors of one kernel row + 1 broadcast.
 template <int NV>
 constexpr int pixels_per_run() {
-  return NV == 1 ? 8 : NV == 2 ? 4 : 2;
+  return NV == 1 ? 10 : NV == 2 ? 4 : 2;
 }
 
 // out[p, :] for the P pixels ox .. ox + P - 1 of output row oy (EDGE: some taps fall on the zero padding).
@@ -86,11 +86,19 @@ void stem_rows(const float* x, int64_t B, int64_t cin, int64_t H, int64_t W, con
       const int64_t img = t / OH, oy = t % OH;
       const float* xb = x + img * cin * H * W;
       float* orow = out + t * OW * cout;
-      // a whole run is interior when its input columns 2 ox - 1 .. 2 (ox + P) - 1 lie inside 0 .. W - 1
-      run_pixels<NV, 1, true>(xb, cin, H, W, wt, bias, oy, 0, orow, relu);
-      int64_t ox = 1;
-      for (; ox + P <= OW && 2 * (ox + P) <= W; ox += P)
-        run_pixels<NV, P, false>(xb, cin, H, W, wt, bias, oy, ox, orow + ox * cout, relu);
+      // runs of P pixels; a run is interior when its input columns 2 ox - 1 .. 2 (ox + P) - 1 lie inside
+      // 0 .. W - 1 (only the first is not, and the last when W is odd). The row's last few pixels go in runs of
+      // P / 2, P / 4, ...: one pixel alone is a chain of 9 Cin dependent FMAs, several times the time per pixel of a
+      // run (a single-pixel tail of 7 pixels per row cost uniform_t's first layer ~1.3x, session 18).
+      int64_t ox = 0;
+      for (; ox + P <= OW; ox += P) {
+        if (ox >= 1 && 2 * (ox + P) <= W) run_pixels<NV, P, false>(xb, cin, H, W, wt, bias, oy, ox, orow + ox * cout, relu);
+        else run_pixels<NV, P, true>(xb, cin, H, W, wt, bias, oy, ox, orow + ox * cout, relu);
+      }
+      if constexpr (P >= 8)
+        for (; ox + 4 <= OW; ox += 4) run_pixels<NV, 4, true>(xb, cin, H, W, wt, bias, oy, ox, orow + ox * cout, relu);
+      if constexpr (P >= 4)
+        for (; ox + 2 <= OW; ox += 2) run_pixels<NV, 2, true>(xb, cin, H, W, wt, bias, oy, ox, orow + ox * cout, relu);
       for (; ox < OW; ++ox) run_pixels<NV, 1, true>(xb, cin, H, W, wt, bias, oy, ox, orow + ox * cout, relu);
     }
   });
