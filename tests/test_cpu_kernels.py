@@ -317,6 +317,42 @@ def test_depthwise_conv_flops_are_counted(dw_op):
 
 
 @needs_kernel
+def test_depthwise_conv_radius_skips_zero_taps(dw_op):
+    g = torch.Generator().manual_seed(11)
+    c, k = 76, 7  # blocks of 64 and 8 channels and a masked tail of 4
+    radius = torch.arange(c) % 4  # as Reuse Attention's merged value conv: 1x1, 3x3, 5x5, 7x7 kernels
+    w = torch.randn(c, 1, k, k, generator=g)
+    d = (torch.arange(k) - k // 2).abs()
+    ring = torch.maximum(d[:, None], d[None, :])
+    w = w * (ring[None, None] <= radius[:, None, None, None])  # zero outside each channel's radius
+    b = torch.randn(c, generator=g)
+    for stride, (h, wd) in [(1, (7, 7)), (1, (5, 9)), (2, (14, 14)), (1, (1, 1))]:
+        x = torch.randn(2, c, h, wd, generator=g).contiguous(memory_format=torch.channels_last)
+        ref = F.conv2d(x, w, b, stride, k // 2, 1, c)
+        out = dw_op(x, w, b, stride, radius)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(out, dw_op(x, w, b, stride), atol=1e-5, rtol=1e-5)
+    # the radius is obeyed: radius 0 everywhere is the centre tap alone
+    centre = torch.zeros_like(w)
+    centre[:, :, k // 2, k // 2] = w[:, :, k // 2, k // 2]
+    assert torch.allclose(dw_op(x, w, b, 1, torch.zeros(c, dtype=torch.long)), F.conv2d(x, centre, b, 1, k // 2, 1, c),
+                          atol=1e-5)
+    with pytest.raises(RuntimeError, match=r'radius must lie in 0 .. 3'):
+        dw_op(x, w, b, 1, torch.full((c,), 4))
+    with pytest.raises(RuntimeError, match=r'radius must be \(C\)'):
+        dw_op(x, w, b, 1, radius[:5])
+    # the module finds the radius in its weights and follows weight changes
+    m = make_conv(c, c, k, 1, k // 2, groups=c).eval()
+    with torch.no_grad():
+        m.weight.copy_(w)
+        assert torch.equal(m._tap_radius(), radius)
+        assert torch.allclose(m(x), F.conv2d(x, w, m.bias, 1, k // 2, 1, c), atol=1e-5)
+        m.weight.normal_()  # every tap in use now
+        assert m._tap_radius() is None
+        assert torch.allclose(m(x), F.conv2d(x, m.weight, m.bias, 1, k // 2, 1, c), atol=1e-5)
+
+
+@needs_kernel
 def test_depthwise_module_uses_the_kernel_where_it_may(monkeypatch, dw_op):
     assert type(make_conv(32, 32, 3, 2, 1, groups=32)) is DepthwiseConv2d
     assert type(make_conv(32, 32, 7, 1, 3, groups=32)) is DepthwiseConv2d
@@ -326,6 +362,7 @@ def test_depthwise_module_uses_the_kernel_where_it_may(monkeypatch, dw_op):
         x = torch.randn(2, 24, 3, 5).contiguous(memory_format=torch.channels_last)  # smaller than the kernel
         ref = F.conv2d(x, m.weight, m.bias, stride, 3, 1, 24)
         with torch.no_grad():
+            m(x)  # the first call also works out the kernel's tap radius (cached)
             with OpLog() as log:
                 out = m(x)
             assert log.ops == ['uniform_vit.depthwise_conv'] and torch.allclose(out, ref, atol=1e-5)

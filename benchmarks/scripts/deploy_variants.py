@@ -41,6 +41,8 @@ outputs agree. Variants:
   matrix products on the (B, C) means and one broadcast multiply over the token rows (session 18).
 * ``dw-slices-aten``: depthwise convs whose input is a channel slice of a channels-last map (attention's queries)
   through ATen, as before session 18, instead of the C++ op reading the slice in place.
+* ``dw-full-taps``: depthwise convs walk their whole kernel, the zero-padded taps of the merged value conv too (as
+  before session 18), instead of each channel block's own tap radius.
 * ``prepacked1x1``: every 1x1 conv's oneDNN matmul on a weight reordered once into oneDNN's blocked layout
   (``mkldnn._reorder_linear_weight``, kept as an mkldnn buffer, which a trace accepts) instead of the plain (O, C)
   weight that the matmul packs again on every call (session 17).
@@ -283,6 +285,10 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         for m in model.modules():
             if isinstance(m, DepthwiseConv2d):
                 m.forward = types.MethodType(_dw_slices_aten, m)
+    elif variant == 'dw-full-taps':
+        for m in model.modules():
+            if isinstance(m, DepthwiseConv2d):
+                m._tap_radius = types.MethodType(lambda self: None, m)
     elif variant == 'se-timm':
         for m in model.modules():
             if isinstance(m, DeployPatchMerging):
@@ -303,7 +309,8 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
 VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'stem-one-transpose', 'conv1x1', 'mkl1x1',
             'linear-relu', 'linear-relu-add', 'stem-contiguous', 'stem-nchw-wcl', 'pm-chunks2', 'pm-chunks4',
             'stem-aten', 'dw-aten', 'prepacked1x1', 'ffn-onednn', 'pw-onednn', 'stem3x3-aten',
-            'stem3x3-all', 'pm-separate', 'se-timm', 'dw-slices-aten')
+            'stem3x3-all', 'pm-separate', 'se-timm', 'dw-slices-aten',
+            'dw-full-taps')
 
 
 def main() -> None:

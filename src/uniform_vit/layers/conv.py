@@ -66,10 +66,11 @@ def _untraced(fn: Callable[[], object]) -> object:
 
 
 def kernel_layout(owner: nn.Module, weights: tuple[torch.Tensor, ...],
-                  make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    """``make()``'s copies of ``weights`` in the layout a C++ op reads (transposed, (3, 3, Cin, Cout)), cached on
-    ``owner`` and rebuilt when a weight's storage or version changes (``load_state_dict``, ``.to()``, in-place edits).
-    The cache is a second copy of those weights in memory and is not part of the state dict."""
+                  make: Callable[[], tuple[torch.Tensor | None, ...]]) -> tuple[torch.Tensor | None, ...]:
+    """``make()``'s tensors derived from ``weights`` for a C++ op (copies in the layout it reads: transposed, (3, 3,
+    Cin, Cout); or facts such as a depthwise kernel's tap radius), cached on ``owner`` and rebuilt when a weight's
+    storage or version changes (``load_state_dict``, ``.to()``, in-place edits). Copies are a second copy of those
+    weights in memory; the cache is not part of the state dict."""
     key = tuple((w.data_ptr(), w._version) for w in weights)
     cached = owner.__dict__.get('_kernel_layout')
     if cached is None or cached[0] != key:
@@ -204,10 +205,25 @@ class DepthwiseConv2d(SameConv2d):
             return None
         return cpu_kernels.depthwise_conv()  # None inside torch.compile / ONNX export, or without the kernels
 
+    def _tap_radius(self) -> torch.Tensor | None:
+        """Per channel, how far from the kernel's centre its nonzero taps reach (the op skips the rest), or None
+        when every channel uses the whole kernel. Zero-padded kernels are what the deploy form of Reuse Attention
+        makes of its heads' 1x1 / 3x3 / 5x5 / 7x7 value convs; skipping their zero taps gives the same sums."""
+        w = self.weight
+
+        def radius() -> tuple:
+            k = w.shape[-1]
+            d = (torch.arange(k, device=w.device) - k // 2).abs()
+            dist = torch.maximum(d[:, None], d[None, :])  # (k, k): each tap's ring around the centre
+            r = torch.where(w[:, 0] != 0, dist, torch.zeros_like(dist)).flatten(1).amax(1)
+            return (r if bool((r < k // 2).any()) else None,)
+
+        return kernel_layout(self, (w,), radius)[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = self._kernel_op(x)
         if op is not None:
-            return op(x, self.weight, self.bias, self.stride[0])
+            return op(x, self.weight, self.bias, self.stride[0], self._tap_radius())
         if self.stride == (1, 1):
             return super().forward(x)
         return nn.Conv2d.forward(self, x)

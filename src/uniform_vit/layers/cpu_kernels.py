@@ -177,9 +177,10 @@ def stem_conv() -> Callable[..., torch.Tensor] | None:
 
 
 def depthwise_conv() -> Callable[..., torch.Tensor] | None:
-    """``depthwise_conv(x, w, b, stride)``: ``conv2d(x, w, b, stride, padding=k // 2, groups=C)`` for a float32 CPU
-    map ``x`` (B, C, H, W) (channels-last is read in place) and a (C, 1, k, k) ``w`` with odd k, ``b`` (C) or None,
-    returned in channels-last memory; or None (see :func:`_recordable_op`)."""
+    """``depthwise_conv(x, w, b, stride, radius=None)``: ``conv2d(x, w, b, stride, padding=k // 2, groups=C)`` for a
+    float32 CPU map ``x`` (B, C, H, W) (channels-last, or a channel slice of it, is read in place) and a (C, 1, k, k)
+    ``w`` with odd k, ``b`` (C) or None, returned in channels-last memory; ``radius`` (C) says how far from the
+    centre each channel's nonzero taps reach (the others are skipped); or None (see :func:`_recordable_op`)."""
     return _recordable_op('depthwise_conv')
 
 

@@ -14,6 +14,11 @@
 // and FMA; the AVX-512 build runs the same code): blocks of 64 / 32 / 16 / 8 channels, then a masked vector for
 // the last 1-7. Narrow blocks keep S partial sums per vector, one per kernel row in turn, so that at least 8
 // independent FMA chains are in flight; the partial sums are added at the end. Weights are read as (k*k, C).
+//
+// radius (optional, one int per channel): the channel's nonzero taps lie within that distance of the centre. The
+// deploy form merges Reuse Attention's value convs (kernels 1, 3, 5, 7, one per head) into one 7x7 conv whose
+// smaller kernels are zero-padded; a block of channels then walks only the window of its widest channel, which
+// skips the padding's zero taps (over half of them for four heads; session 18).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace {
 
@@ -67,28 +73,47 @@ inline void pixel(const Window& a, const float* bias, float* out, __m256i mask) 
   }
 }
 
-void pixel_all_channels(Window a, const float* bias, float* out) {
-  const int64_t C = a.C;
-  const float *x = a.x, *w = a.w;
+// The channel blocks of pixel_all_channels, in order: (first channel, NV, S, masked)
+struct Block {
+  int64_t c;
+  int kind;  // 0: 64 channels, 1: 32, 2: 16, 3: 8, 4: the masked last 1-7
+};
+
+std::vector<Block> channel_blocks(int64_t C) {
+  std::vector<Block> blocks;
   int64_t c = 0;
+  for (; c + 64 <= C; c += 64) blocks.push_back({c, 0});
+  for (; c + 32 <= C; c += 32) blocks.push_back({c, 1});
+  for (; c + 16 <= C; c += 16) blocks.push_back({c, 2});
+  for (; c + 8 <= C; c += 8) blocks.push_back({c, 3});
+  if (c < C) blocks.push_back({c, 4});
+  return blocks;
+}
+
+// radius[i]: the taps of block i lie within radius[i] of the kernel's centre (the rest of its weights are zero)
+void pixel_all_channels(Window a, const float* bias, float* out, const std::vector<Block>& blocks,
+                        const std::vector<int64_t>& radius, __m256i tail_mask) {
+  const float *x = a.x, *w = a.w;
+  const int64_t p = a.k / 2, ky0 = a.ky0, ky1 = a.ky1, kx0 = a.kx0, kx1 = a.kx1;
   const __m256i full = _mm256_set1_epi32(-1);
-  auto at = [&](int64_t c0) {
-    a.x = x + c0;
-    a.w = w + c0;
-  };
-  for (; c + 64 <= C; c += 64) at(c), pixel<8, 1, false>(a, bias + c, out + c, full);
-  for (; c + 32 <= C; c += 32) at(c), pixel<4, 2, false>(a, bias + c, out + c, full);
-  for (; c + 16 <= C; c += 16) at(c), pixel<2, 4, false>(a, bias + c, out + c, full);
-  for (; c + 8 <= C; c += 8) at(c), pixel<1, 4, false>(a, bias + c, out + c, full);
-  if (c < C) {
-    alignas(32) int32_t m[8];
-    for (int i = 0; i < 8; ++i) m[i] = c + i < C ? -1 : 0;
-    at(c), pixel<1, 4, true>(a, bias + c, out + c, _mm256_load_si256(reinterpret_cast<const __m256i*>(m)));
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const int64_t c = blocks[i].c, r = radius[i];
+    a.x = x + c;
+    a.w = w + c;
+    a.ky0 = std::max(ky0, p - r), a.ky1 = std::min(ky1, p + r + 1);
+    a.kx0 = std::max(kx0, p - r), a.kx1 = std::min(kx1, p + r + 1);
+    switch (blocks[i].kind) {
+      case 0: pixel<8, 1, false>(a, bias + c, out + c, full); break;
+      case 1: pixel<4, 2, false>(a, bias + c, out + c, full); break;
+      case 2: pixel<2, 4, false>(a, bias + c, out + c, full); break;
+      case 3: pixel<1, 4, false>(a, bias + c, out + c, full); break;
+      default: pixel<1, 4, true>(a, bias + c, out + c, tail_mask);
+    }
   }
 }
 
 at::Tensor depthwise_conv(const at::Tensor& x_, const at::Tensor& w, const std::optional<at::Tensor>& b_opt,
-                          int64_t stride) {
+                          int64_t stride, const std::optional<at::Tensor>& radius_opt) {
   TORCH_CHECK(x_.dim() == 4 && w.dim() == 4, "depthwise_conv: expected x (B, C, H, W) and w (C, 1, k, k)");
   TORCH_CHECK(x_.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "depthwise_conv: float32 tensors only");
   const int64_t B = x_.size(0), C = x_.size(1), H = x_.size(2), W = x_.size(3), k = w.size(2);
@@ -111,6 +136,26 @@ at::Tensor depthwise_conv(const at::Tensor& x_, const at::Tensor& w, const std::
   const float* wp = wt.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // per channel block, the largest tap radius of its channels (all k // 2 without a radius)
+  const std::vector<Block> blocks = channel_blocks(C);
+  std::vector<int64_t> block_radius(blocks.size(), k / 2);
+  if (radius_opt.has_value() && radius_opt->defined()) {
+    const at::Tensor rad = radius_opt->to(at::kLong).contiguous();
+    TORCH_CHECK(rad.dim() == 1 && rad.size(0) == C, "depthwise_conv: radius must be (C) = (", C, ")");
+    const int64_t* rp = rad.data_ptr<int64_t>();
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const int64_t c1 = i + 1 < blocks.size() ? blocks[i + 1].c : C;
+      int64_t r = 0;
+      for (int64_t c = blocks[i].c; c < c1; ++c) {
+        TORCH_CHECK(rp[c] >= 0 && rp[c] <= k / 2, "depthwise_conv: radius must lie in 0 .. ", k / 2);
+        r = std::max(r, rp[c]);
+      }
+      block_radius[i] = r;
+    }
+  }
+  alignas(32) int32_t m[8];
+  for (int i = 0; i < 8; ++i) m[i] = (C / 8) * 8 + i < C ? -1 : 0;
+  const __m256i tail_mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
   at::parallel_for(0, B * OH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t img = t / OH, oy = t % OH, iy0 = oy * stride - p;
@@ -119,7 +164,7 @@ at::Tensor depthwise_conv(const at::Tensor& x_, const at::Tensor& w, const std::
         a.ix0 = ox * stride - p;
         a.kx0 = std::max<int64_t>(0, -a.ix0);
         a.kx1 = std::min(k, W - a.ix0);
-        pixel_all_channels(a, bp, op + (t * OW + ox) * C);
+        pixel_all_channels(a, bp, op + (t * OW + ox) * C, blocks, block_radius, tail_mask);
       }
     }
   });
@@ -128,6 +173,8 @@ at::Tensor depthwise_conv(const at::Tensor& x_, const at::Tensor& w, const std::
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(uniform_vit, m) { m.def("depthwise_conv(Tensor x, Tensor w, Tensor? b, int stride) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(uniform_vit, m) {
+  m.def("depthwise_conv(Tensor x, Tensor w, Tensor? b, int stride, Tensor? radius=None) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(uniform_vit, CPU, m) { m.impl("depthwise_conv", &depthwise_conv); }
