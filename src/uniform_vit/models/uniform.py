@@ -96,7 +96,7 @@ class DeployStem(nn.Sequential):
     chunks = 2
     stem_kernel = True
     conv_kernel = True
-    conv_kernel_max_out = 32  # the C++ 3x3 conv for layers this narrow only; oneDNN is faster for wider ones
+    conv_kernel_max_out = 16  # the C++ 3x3 conv for layers this narrow only; oneDNN is as fast or faster for wider
 
     def _first_layer_op(self, x: torch.Tensor):
         """The C++ first conv + ReLU, or None where it does not apply."""
