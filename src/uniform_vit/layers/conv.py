@@ -131,11 +131,12 @@ class PointwiseConv2d(nn.Conv2d):
     :mod:`uniform_vit.layers.cpu_kernels`) over the map's token rows; without the kernels, oneDNN's matmul
     (``torch.ops.mkldnn._linear_pointwise``). PyTorch's ``conv2d`` reaches oneDNN too, but each call pays for a
     convolution primitive and its weight reorder: oneDNN's matmul ran the same product in up to 20 % less time and the
-    fused, traced uniform_t 1.09-1.10x faster (one thread, this project's Zen 5); on an AVX2 Zen 3 oneDNN's matmul
-    costs 50-80 us per call, and the C++ op ran UniForm's 1x1s 1.04-1.35x faster than it (benchmarks/RESULTS.md,
-    section 1, sessions 10 and 18). Anything else (NCHW maps, training, ``torch.compile``/``torch.export``/ONNX
-    export, :func:`aten_only`) runs ``conv2d``, so exported graphs hold standard ops. Same weights, state-dict keys
-    and outputs (up to float rounding) either way; the op reads a cached transposed copy of the weight."""
+    fused, traced uniform_t 1.09-1.10x faster (one thread, this project's Zen 5); on an AVX2 Zen 3 the C++ op ran 15
+    of UniForm's 18 1x1 shapes 1.02-1.39x as fast as oneDNN's matmul (the widest 0.88-0.95x) and the fused, traced
+    models 1-2 % faster (benchmarks/RESULTS.md, section 1, sessions 10 and 18). Anything else (NCHW maps, training,
+    ``torch.compile``/``torch.export``/ONNX export, :func:`aten_only`) runs ``conv2d``, so exported graphs hold
+    standard ops. Same weights, state-dict keys and outputs (up to float rounding) either way; the op reads a cached
+    transposed copy of the weight."""
 
     def __init__(self, in_chs: int, out_chs: int, bias: bool = True, **kwargs):
         super().__init__(in_chs, out_chs, 1, bias=bias, **kwargs)

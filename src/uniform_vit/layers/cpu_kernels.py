@@ -1,17 +1,17 @@
 """Optional C++ kernels for x86 CPUs, one library (``csrc/``): the query-tiled Reuse Attention core in one op
 (``reuse_core.cpp``), the stem's first conv + ReLU, read from NCHW and written channels-last (``stem_conv.cpp``),
 depthwise convs on channels-last maps (``depthwise_conv.cpp``), the residual FFN (``residual_ffn.cpp``), 1x1 convs
-(``pointwise_conv.cpp``) and the stem's 3x3 stride-2 convs (``conv3x3_s2.cpp``); the last three share one
-register-blocked product (``tile_gemm.h``).
+(``pointwise_conv.cpp``), the stem's 3x3 stride-2 convs (``conv3x3_s2.cpp``) and patch merging's expansion +
+depthwise conv (``expand_dw.cpp``); the last four share one register-blocked product (``tile_gemm.h``).
 
 It is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja: the tools ``torch.compile``
 needs on CPU too; ninja comes with this package), for CPUs where PyTorch itself dispatches to AVX-512 or AVX2, in
 about 15-30 s, and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 Elsewhere, or where the build fails (a warning says why, once), :func:`reuse_core`, :func:`stem_conv`,
-:func:`depthwise_conv`, :func:`residual_ffn`, :func:`pointwise_conv` and :func:`conv3x3_s2` return None and their
-callers keep ATen ops.
+:func:`depthwise_conv`, :func:`residual_ffn`, :func:`pointwise_conv`, :func:`conv3x3_s2` and :func:`expand_dw`
+return None and their callers keep ATen ops.
 ``UNIFORM_VIT_CPU_KERNELS=0`` turns the kernels off (A/B runs, or to skip the build). Why kernels at all:
-benchmarks/RESULTS.md, section 1, sessions 14 and 17."""
+benchmarks/RESULTS.md, section 1, sessions 14, 17 and 18."""
 
 from __future__ import annotations
 

@@ -10,8 +10,9 @@
 // row of a run of output pixels is a matrix with row stride 2 Cin that the product reads in place (no im2col copy),
 // and the three kernel rows are three segments summed in the same registers. Pixels whose window crosses the map's
 // border (the first column, the last when W is odd) go one at a time over their in-range taps only; rows at the top
-// and bottom drop their out-of-range kernel rows. Why: oneDNN ran uniform_t's stem convs (8 -> 16 -> 32 -> 64
-// channels) at 30-40 GFLOP/s on an AVX2 Zen 3, 40-50 % of the core's FMA peak (benchmarks/RESULTS.md, section 1,
+// and bottom drop their out-of-range kernel rows. On an AVX2 Zen 3 this ran uniform_t's second stem conv (8 -> 16
+// channels) 1.27x as fast as oneDNN and the fused, traced uniform_t about 1 % faster, but the wider convs of
+// uniform_s/m/l 0.78-0.99x, so the deploy stem uses it for 16 outputs or fewer (benchmarks/RESULTS.md, section 1,
 // session 18).
 
 #include <ATen/ATen.h>
