@@ -36,6 +36,7 @@ outputs agree. Variants:
 * ``stem3x3-all``: the C++ ``conv3x3_s2`` op for every stem conv after the first, not only those with at most
   ``DeployStem.conv_kernel_max_out`` (32) output channels (session 18).
 * ``stem3x3-max16``: the same op only for stem convs with at most 16 output channels (uniform_t's second).
+* ``stem-chunks1``, ``stem-chunks4``: the deploy stem on the whole batch at once / in four parts instead of two.
 * ``pm-separate``: patch merging's expansion, ReLU, stride-2 depthwise conv and ReLU as separate layers instead of
   the C++ ``expand_dw`` op (session 18).
 * ``se-timm``: patch merging's squeeze-excite as timm's module (1x1 convs and a multiply on 1x1 maps) instead of
@@ -298,6 +299,8 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         stem.conv_kernel = False
     elif variant == 'stem3x3-all':
         stem.conv_kernel_max_out = 1 << 30
+    elif variant in ('stem-chunks1', 'stem-chunks4'):
+        stem.chunks = int(variant[-1])
     elif variant == 'stem3x3-max16':
         stem.conv_kernel_max_out = 16
     elif variant == 'dw-aten':
@@ -313,7 +316,7 @@ VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'ste
             'linear-relu', 'linear-relu-add', 'stem-contiguous', 'stem-nchw-wcl', 'pm-chunks2', 'pm-chunks4',
             'stem-aten', 'dw-aten', 'prepacked1x1', 'ffn-onednn', 'pw-onednn', 'stem3x3-aten',
             'stem3x3-all', 'pm-separate', 'se-timm', 'dw-slices-aten',
-            'dw-full-taps', 'stem3x3-max16')
+            'dw-full-taps', 'stem3x3-max16', 'stem-chunks1', 'stem-chunks4')
 
 
 def main() -> None:
