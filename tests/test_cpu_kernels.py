@@ -517,6 +517,34 @@ def test_pointwise_conv_matches_aten(m, k, n):  # row tails (not a multiple of 6
 
 
 @needs_kernel
+@pytest.mark.parametrize('n', [1, 7, 8, 16, 17, 24, 120, 513])  # whole panels, a vector panel, scalar columns
+def test_packed_weights_give_the_same_products(n):
+    g = torch.Generator().manual_seed(n)
+    k = 40
+    x, wt, b = torch.randn(53, k, generator=g), torch.randn(k, n, generator=g) / k ** 0.5, torch.randn(n, generator=g)
+    packed = cpu_kernels.pack_panels(wt)
+    assert packed.shape == wt.shape and torch.equal(packed.flatten().sort().values, wt.flatten().sort().values)
+    if n > 32:  # wider than one panel (16 columns with AVX2, 32 with AVX-512): column panels one after another
+        assert not torch.equal(packed, wt)
+    pw = _op('pointwise_conv')
+    assert torch.allclose(pw(x, packed, b, True, True), pw(x, wt, b, True), atol=1e-6, rtol=1e-6)
+    assert torch.allclose(pw(x, packed, b, False, True), x @ wt + b, atol=1e-5, rtol=1e-5)
+    # the FFN: both weights packed; C = n channels, H = 2n hidden
+    w1t, b1 = torch.randn(n, 2 * n, generator=g) / n ** 0.5, torch.randn(2 * n, generator=g)
+    w2t = torch.randn(2 * n, n, generator=g) / (2 * n) ** 0.5
+    xf = torch.randn(50, n, generator=g)
+    ffn = _op('residual_ffn')
+    ref = ffn(xf, w1t, b1, w2t, b)
+    out = ffn(xf, cpu_kernels.pack_panels(w1t), b1, cpu_kernels.pack_panels(w2t), b, True)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    # patch merging's expansion
+    xm = torch.randn(2, k, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    wdw, bdw = torch.randn(3, 3, n, generator=g), torch.randn(n, generator=g)
+    e = _op('expand_dw')
+    assert torch.allclose(e(xm, packed, b, wdw, bdw, True), e(xm, wt, b, wdw, bdw), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
 def test_pointwise_conv_threads_bad_inputs_and_flops():
     op = _op('pointwise_conv')
     x, wt, b = torch.randn(700, 48), torch.randn(48, 96), torch.randn(96)
@@ -550,6 +578,8 @@ def test_pointwise_module_uses_the_kernel_where_it_may(monkeypatch):
         assert torch.allclose(portable(x), ref, atol=1e-5)
         # new weights reach the op: its transposed copy is a cache
         m.weight.mul_(-2.0)
+        assert torch.allclose(m(x), F.conv2d(x, m.weight, m.bias), atol=1e-5)
+        monkeypatch.setattr(conv_mod, 'PACK_WEIGHTS', False)  # plain transposed weights: the cache is rebuilt
         assert torch.allclose(m(x), F.conv2d(x, m.weight, m.bias), atol=1e-5)
         monkeypatch.setattr(conv_mod, 'POINTWISE_KERNEL', False)  # the A/B switch: oneDNN's matmul then
         with OpLog() as log:

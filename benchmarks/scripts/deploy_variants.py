@@ -45,6 +45,8 @@ outputs agree. Variants:
   through ATen, as before session 18, instead of the C++ op reading the slice in place.
 * ``dw-full-taps``: depthwise convs walk their whole kernel, the zero-padded taps of the merged value conv too (as
   before session 18), instead of each channel block's own tap radius.
+* ``unpacked``: the C++ products (1x1 convs, FFNs, patch merging's expansion) read plain transposed weights instead
+  of ``pack_panels``' column panels (session 18).
 * ``prepacked1x1``: every 1x1 conv's oneDNN matmul on a weight reordered once into oneDNN's blocked layout
   (``mkldnn._reorder_linear_weight``, kept as an mkldnn buffer, which a trace accepts) instead of the plain (O, C)
   weight that the matmul packs again on every call (session 17).
@@ -62,6 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import uniform_vit  # noqa: F401  (registers uniform_*)
+import uniform_vit.layers.conv as conv_mod
 from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio
 from uniform_vit.layers.conv import (
     FFN,
@@ -220,6 +223,21 @@ def _pm_chunks(k: int):
     return forward
 
 
+class _Unpacked(nn.Module):
+    """Runs (and so traces) the model with the C++ products on plain transposed weights."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        old, conv_mod.PACK_WEIGHTS = conv_mod.PACK_WEIGHTS, False
+        try:
+            return self.model(x)
+        finally:
+            conv_mod.PACK_WEIGHTS = old
+
+
 def apply(model: nn.Module, variant: str) -> nn.Module:
     """A copy of the deploy-form ``model`` with ``variant`` patched in (method overrides on its instances);
     ``a+b`` applies both."""
@@ -287,6 +305,8 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         for m in model.modules():
             if isinstance(m, DepthwiseConv2d):
                 m.forward = types.MethodType(_dw_slices_aten, m)
+    elif variant == 'unpacked':
+        return _Unpacked(model)
     elif variant == 'dw-full-taps':
         for m in model.modules():
             if isinstance(m, DepthwiseConv2d):
@@ -299,7 +319,8 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         stem.conv_kernel = False
     elif variant == 'stem3x3-all':
         stem.conv_kernel_max_out = 1 << 30
-    elif variant in ('stem-chunks1', 'stem-chunks4'):
+    elif variant in ('stem-chunks1', 'stem-chunks4',
+            'unpacked'):
         stem.chunks = int(variant[-1])
     elif variant == 'stem3x3-max16':
         stem.conv_kernel_max_out = 16
@@ -316,7 +337,8 @@ VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'ste
             'linear-relu', 'linear-relu-add', 'stem-contiguous', 'stem-nchw-wcl', 'pm-chunks2', 'pm-chunks4',
             'stem-aten', 'dw-aten', 'prepacked1x1', 'ffn-onednn', 'pw-onednn', 'stem3x3-aten',
             'stem3x3-all', 'pm-separate', 'se-timm', 'dw-slices-aten',
-            'dw-full-taps', 'stem3x3-max16', 'stem-chunks1', 'stem-chunks4')
+            'dw-full-taps', 'stem3x3-max16', 'stem-chunks1', 'stem-chunks4',
+            'unpacked')
 
 
 def main() -> None:

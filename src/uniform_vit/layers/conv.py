@@ -65,13 +65,16 @@ def _untraced(fn: Callable[[], object]) -> object:
         set_(state)
 
 
-def kernel_layout(owner: nn.Module, weights: tuple[torch.Tensor, ...],
-                  make: Callable[[], tuple[torch.Tensor | None, ...]]) -> tuple[torch.Tensor | None, ...]:
+Derived = tuple[torch.Tensor | None, ...]
+
+
+def kernel_layout(owner: nn.Module, weights: tuple[torch.Tensor, ...], make: Callable[[], Derived],
+                  tag: object = None) -> Derived:
     """``make()``'s tensors derived from ``weights`` for a C++ op (copies in the layout it reads: transposed, (3, 3,
     Cin, Cout); or facts such as a depthwise kernel's tap radius), cached on ``owner`` and rebuilt when a weight's
-    storage or version changes (``load_state_dict``, ``.to()``, in-place edits). Copies are a second copy of those
-    weights in memory; the cache is not part of the state dict."""
-    key = tuple((w.data_ptr(), w._version) for w in weights)
+    storage or version changes (``load_state_dict``, ``.to()``, in-place edits) or ``tag`` does. Copies are a second
+    copy of those weights in memory; the cache is not part of the state dict."""
+    key = (tag, *((w.data_ptr(), w._version) for w in weights))  # tag: how the layout was made (packed or not)
     cached = owner.__dict__.get('_kernel_layout')
     if cached is None or cached[0] != key:
         def build() -> tuple:
@@ -83,6 +86,17 @@ def kernel_layout(owner: nn.Module, weights: tuple[torch.Tensor, ...],
         cached = _untraced(build)
         owner.__dict__['_kernel_layout'] = cached
     return cached[1]
+
+
+PACK_WEIGHTS = True  # A/B switch (benchmarks/scripts): the products' weights in cpu_kernels.pack_panels' order
+
+
+def kernel_matrix(w: torch.Tensor, packed: bool) -> torch.Tensor:
+    """A 1x1 conv's (O, C, 1, 1) weight as the (C, O) matrix the C++ products read, in ``pack_panels``' order when
+    ``packed`` (column panels stored one after another: the products ran 1.1-1.2x faster on it, most for wide
+    outputs, whose rows are far apart in a plain matrix)."""
+    wt = w.reshape(w.shape[0], -1).t().contiguous()
+    return cpu_kernels.pack_panels(wt) if packed else wt
 
 
 ONEDNN_POINTWISE = True  # A/B switch (benchmarks/scripts) and what :func:`aten_only` turns off
@@ -158,9 +172,9 @@ class PointwiseConv2d(nn.Conv2d):
         op = self._kernel_op(x)
         if op is not None:
             B, C, H, W = x.shape
-            w = self.weight
-            wt, = kernel_layout(self, (w,), lambda: (w.reshape(w.shape[0], -1).t().contiguous(),))
-            y = op(x.permute(0, 2, 3, 1).reshape(B * H * W, C), wt, self.bias, False)
+            w, packed = self.weight, PACK_WEIGHTS
+            wt, = kernel_layout(self, (w,), lambda: (kernel_matrix(w, packed),), tag=packed)
+            y = op(x.permute(0, 2, 3, 1).reshape(B * H * W, C), wt, self.bias, False, packed)
             return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)
         if self._onednn_ok(x):
             fn = _pointwise_traceable() if torch.jit.is_tracing() else _pointwise_onednn
@@ -353,10 +367,10 @@ class ResidualFFN(Residual):
     Same keys: the transposed weights the op reads are a cache (a second copy of the FFN's weights in memory),
     rebuilt when the weights change (``load_state_dict``, ``.to()``)."""
 
-    def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weights(self, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         w1, w2 = self.m.pw1.weight, self.m.pw2.weight
-        return kernel_layout(self, (w1, w2), lambda: (w1.reshape(w1.shape[0], -1).t().contiguous(),
-                                                      w2.reshape(w2.shape[0], -1).t().contiguous()))
+        return kernel_layout(self, (w1, w2), lambda: (kernel_matrix(w1, packed), kernel_matrix(w2, packed)),
+                             tag=packed)
 
     def _kernel_op(self, x: torch.Tensor):
         pw1, pw2 = self.m.pw1, self.m.pw2
@@ -371,8 +385,9 @@ class ResidualFFN(Residual):
         if op is None:
             return super().forward(x)
         B, C, H, W = x.shape
-        w1t, w2t = self._weights()
-        y = op(x.permute(0, 2, 3, 1).reshape(B * H * W, C), w1t, self.m.pw1.bias, w2t, self.m.pw2.bias)
+        packed = PACK_WEIGHTS
+        w1t, w2t = self._weights(packed)
+        y = op(x.permute(0, 2, 3, 1).reshape(B * H * W, C), w1t, self.m.pw1.bias, w2t, self.m.pw2.bias, packed)
         return y.view(B, H, W, C).permute(0, 3, 1, 2)
 
     def fuse(self) -> nn.Module:

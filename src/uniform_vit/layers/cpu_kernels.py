@@ -185,14 +185,16 @@ def depthwise_conv() -> Callable[..., torch.Tensor] | None:
 
 
 def residual_ffn() -> Callable[..., torch.Tensor] | None:
-    """``residual_ffn(x, w1t, b1, w2t, b2)``: ``x + relu(x @ w1t + b1) @ w2t + b2`` for float32 CPU token rows
-    ``x`` (M, C), ``w1t`` (C, H), ``w2t`` (H, C); or None (see :func:`_recordable_op`)."""
+    """``residual_ffn(x, w1t, b1, w2t, b2, packed=False)``: ``x + relu(x @ w1t + b1) @ w2t + b2`` for float32 CPU
+    token rows ``x`` (M, C), ``w1t`` (C, H), ``w2t`` (H, C) (``packed``: both in :func:`pack_panels`' order); or None
+    (see :func:`_recordable_op`)."""
     return _recordable_op('residual_ffn')
 
 
 def pointwise_conv() -> Callable[..., torch.Tensor] | None:
-    """``pointwise_conv(x, wt, b, relu)``: ``x @ wt + b`` (then a ReLU when ``relu``) for float32 CPU token rows
-    ``x`` (M, K) and ``wt`` (K, N), ``b`` (N) or None; or None (see :func:`_recordable_op`)."""
+    """``pointwise_conv(x, wt, b, relu, packed=False)``: ``x @ wt + b`` (then a ReLU when ``relu``) for float32 CPU
+    token rows ``x`` (M, K) and ``wt`` (K, N) (``packed``: in :func:`pack_panels`' order), ``b`` (N) or None; or None
+    (see :func:`_recordable_op`)."""
     return _recordable_op('pointwise_conv')
 
 
@@ -204,7 +206,15 @@ def conv3x3_s2() -> Callable[..., torch.Tensor] | None:
 
 
 def expand_dw() -> Callable[..., torch.Tensor] | None:
-    """``expand_dw(x, w1t, b1, wdw, bdw)``: patch merging's ``relu(dwconv3x3_s2(relu(1x1(x))))`` for a float32 CPU
-    map ``x`` (B, C, H, W) (channels-last is read in place), the expansion's weight as ``w1t`` (C, X), the depthwise
-    weight as ``wdw`` (3, 3, X), returned in channels-last memory; or None (see :func:`_recordable_op`)."""
+    """``expand_dw(x, w1t, b1, wdw, bdw, packed=False)``: patch merging's ``relu(dwconv3x3_s2(relu(1x1(x))))`` for a
+    float32 CPU map ``x`` (B, C, H, W) (channels-last is read in place), the expansion's weight as ``w1t`` (C, X)
+    (``packed``: in :func:`pack_panels`' order), the depthwise weight as ``wdw`` (3, 3, X), returned in channels-last
+    memory; or None (see :func:`_recordable_op`)."""
     return _recordable_op('expand_dw')
+
+
+def pack_panels(wt: torch.Tensor) -> torch.Tensor:
+    """A float32 (K, N) matrix in the order the C++ products read fastest (each column panel's K rows one after
+    another; the panel widths follow the vector ISA), for the ``packed=True`` argument of :func:`pointwise_conv`,
+    :func:`residual_ffn` and :func:`expand_dw`. Same shape, other memory order: only those ops can read it."""
+    return torch.ops.uniform_vit.pack_panels(wt)

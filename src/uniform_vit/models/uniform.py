@@ -28,6 +28,7 @@ from timm.layers.activations import Sigmoid as TimmSigmoid
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ..layers import conv as conv_mod
 from ..layers import cpu_kernels
 from ..layers.attention import WindowAttention, create_attention
 from ..layers.conv import FFN, BNLinear, ConvNorm, PointwiseConv2d, Residual, deploy_op_may_run, kernel_layout
@@ -219,10 +220,10 @@ class DeployPatchMerging(PatchMerging):
         op = self._kernel_op(x)
         if op is None:
             return super().forward(x)
-        w1, w2 = self.conv1.weight, self.conv2.weight
-        w1t, wdw = kernel_layout(self, (w1, w2), lambda: (w1.reshape(w1.shape[0], -1).t().contiguous(),
-                                                          w2[:, 0].permute(1, 2, 0).contiguous()))
-        return self.conv3(self._squeeze_excite(op(x, w1t, self.conv1.bias, wdw, self.conv2.bias)))
+        w1, w2, packed = self.conv1.weight, self.conv2.weight, conv_mod.PACK_WEIGHTS
+        w1t, wdw = kernel_layout(self, (w1, w2), lambda: (conv_mod.kernel_matrix(w1, packed),
+                                                          w2[:, 0].permute(1, 2, 0).contiguous()), tag=packed)
+        return self.conv3(self._squeeze_excite(op(x, w1t, self.conv1.bias, wdw, self.conv2.bias, packed)))
 
     def fuse(self) -> nn.Module:
         return self  # already the deploy form

@@ -2,7 +2,8 @@
 // uniform_vit/layers/conv.py, ResidualFFN, calls it).
 //
 //   out = x + relu(x w1t + b1) w2t + b2     x: (M, C) token rows (a flattened channels-last map), w1t: (C, H) and
-//   w2t: (H, C) the two 1x1 convs' weights transposed, b1: (H), b2: (C); float32.
+//   w2t: (H, C) the two 1x1 convs' weights transposed (packed: both in pack_panels' order), b1: (H), b2: (C);
+//   float32.
 //
 // The hidden activations of a tile of TR tokens stay in cache (TR x H floats) instead of going out to memory as an
 // (M, H) matrix and back, and the ReLU and the residual add happen in the products' epilogues (the register-blocked
@@ -27,7 +28,7 @@ using uniform_vit_tile::gemm_rows;
 constexpr int64_t TR = 8 * uniform_vit_tile::R;  // tokens per tile: their hidden activations (TR x H) stay in cache
 
 at::Tensor residual_ffn(const at::Tensor& x_, const at::Tensor& w1t_, const at::Tensor& b1_, const at::Tensor& w2t_,
-                        const at::Tensor& b2_) {
+                        const at::Tensor& b2_, bool packed) {
   TORCH_CHECK(x_.dim() == 2 && w1t_.dim() == 2 && w2t_.dim() == 2 && b1_.dim() == 1 && b2_.dim() == 1,
               "residual_ffn: expected x (M, C), w1t (C, H), b1 (H), w2t (H, C), b2 (C)");
   for (const at::Tensor* t : {&x_, &w1t_, &b1_, &w2t_, &b2_})
@@ -51,8 +52,8 @@ at::Tensor residual_ffn(const at::Tensor& x_, const at::Tensor& w1t_, const at::
     std::vector<float> hid(TR * H);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = t * TR, m = std::min(TR, M - r0);
-      gemm_rows<Epi::kRelu>(X + r0 * C, C, m, C, W1, H, B1, nullptr, 0, hid.data(), H);
-      gemm_rows<Epi::kAdd>(hid.data(), H, m, H, W2, C, B2, X + r0 * C, C, O + r0 * C, C);
+      gemm_rows<Epi::kRelu>(X + r0 * C, C, m, C, W1, H, B1, nullptr, 0, hid.data(), H, packed);
+      gemm_rows<Epi::kAdd>(hid.data(), H, m, H, W2, C, B2, X + r0 * C, C, O + r0 * C, C, packed);
     }
   });
   return out;
@@ -61,6 +62,6 @@ at::Tensor residual_ffn(const at::Tensor& x_, const at::Tensor& w1t_, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(uniform_vit, m) {
-  m.def("residual_ffn(Tensor x, Tensor w1t, Tensor b1, Tensor w2t, Tensor b2) -> Tensor");
+  m.def("residual_ffn(Tensor x, Tensor w1t, Tensor b1, Tensor w2t, Tensor b2, bool packed=False) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(uniform_vit, CPU, m) { m.impl("residual_ffn", &residual_ffn); }

@@ -77,6 +77,19 @@ inline void rows(const float* a, int64_t lda, const Segments& sg, int64_t K, con
                  const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc, int64_t j0, int64_t j1) {
   int64_t j = j0;
   const auto rj = [&](int64_t jj) { return E == Epi::kAdd ? res + jj : nullptr; };
+  if (ldb < 0) {  // packed: panel at column j starts at K * j, its rows are the panel's width apart
+    for (; j + NV * V <= j1; j += NV * V) mk<RR, NV, E>(a, lda, sg, K, b + K * j, NV * V, bias + j, rj(j), ldr, c + j, ldc);
+    for (; j + V <= j1; j += V) mk<RR, 1, E>(a, lda, sg, K, b + K * j, V, bias + j, rj(j), ldr, c + j, ldc);
+    for (; j < j1; ++j)
+      for (int r = 0; r < RR; ++r) {
+        float acc = bias[j];
+        for (int64_t k = 0; k < K; ++k) acc += a[r * lda + k] * b[K * j + k];
+        if constexpr (E == Epi::kRelu) acc = std::max(acc, 0.f);
+        if constexpr (E == Epi::kAdd) acc += res[r * ldr + j];
+        c[r * ldc + j] = acc;
+      }
+    return;
+  }
   for (; j + NV * V <= j1; j += NV * V) mk<RR, NV, E>(a, lda, sg, K, b + j, ldb, bias + j, rj(j), ldr, c + j, ldc);
   for (; j + V <= j1; j += V) mk<RR, 1, E>(a, lda, sg, K, b + j, ldb, bias + j, rj(j), ldr, c + j, ldc);
   for (; j < j1; ++j)
@@ -123,8 +136,21 @@ void gemm_tile(const float* a, int64_t lda, int64_t M, const Segments& sg, int64
 // plain product (one segment) over rows 0 .. M - 1
 template <Epi E>
 inline void gemm_rows(const float* a, int64_t lda, int64_t M, int64_t K, const float* b, int64_t N,
-                      const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc) {
-  gemm_tile<E>(a, lda, M, Segments{}, K, b, N, N, bias, res, ldr, c, ldc);
+                      const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc, bool packed = false) {
+  gemm_tile<E>(a, lda, M, Segments{}, K, b, packed ? -1 : N, N, bias, res, ldr, c, ldc);
+}
+
+// b (K x N, row-major) in the packed layout above: for each column block (NV V wide, then V, then 1), its K rows
+inline void pack_b(const float* b, int64_t K, int64_t N, float* out) {
+  int64_t j = 0;
+  auto block = [&](int64_t w) {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t q = 0; q < w; ++q) out[K * j + k * w + q] = b[k * N + j + q];
+    j += w;
+  };
+  while (j + NV * V <= N) block(NV * V);
+  while (j + V <= N) block(V);
+  while (j < N) block(1);
 }
 
 }  // namespace uniform_vit_tile
