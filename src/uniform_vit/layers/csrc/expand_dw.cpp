@@ -2,7 +2,8 @@
 // uniform_vit/models/uniform.py, DeployPatchMerging, calls it).
 //
 //   out = relu(dwconv3x3_s2(relu(x w1t + b1), wdw) + bdw)    x: (B, C, H, W) float32 in channels-last memory;
-//   w1t: (C, X) the 1x1 expansion's weight transposed (packed: in pack_panels' order); b1: (X); wdw: (3, 3, X) the depthwise weights; bdw: (X);
+//   w1t: (C, X) the 1x1 expansion's weight transposed (packed: in pack_panels' order); b1: (X); wdw: (3, 3, X) the
+//   depthwise weights; bdw: (X);
 //   out: (B, X, ceil(H/2), ceil(W/2)), channels-last.
 //
 // Why: the expansion writes the widest map of the network (X = 4C channels at full resolution: 3.2 MB for uniform_t
@@ -79,7 +80,8 @@ at::Tensor expand_dw(const at::Tensor& x_, const at::Tensor& w1t_, const at::Ten
         if (oy0 > 0)  // the previous chunk's last input row, 2 oy0 - 1, to slot 0
           std::copy(buf.begin() + 2 * k * W * X, buf.begin() + (2 * k + 1) * W * X, buf.begin());
         const int64_t iy0 = 2 * oy0, iy1 = std::min(H, 2 * (oy0 + k));  // input rows made for this chunk
-        gemm_rows<Epi::kRelu>(xn + iy0 * W * C, C, (iy1 - iy0) * W, C, W1, X, B1, nullptr, 0, buf.data() + W * X, X, packed);
+        gemm_rows<Epi::kRelu>(xn + iy0 * W * C, C, (iy1 - iy0) * W, C, W1, X, B1, nullptr, 0, buf.data() + W * X, X,
+                              packed);
         for (int64_t oy = oy0; oy < std::min(Ho, oy0 + k); ++oy) {
           const float* rows[3];
           for (int ky = 0; ky < 3; ++ky) rows[ky] = buf.data() + (2 * (oy - oy0) + ky) * W * X;
