@@ -150,7 +150,7 @@ class PointwiseConv2d(nn.Conv2d):
     models 1-2 % faster (benchmarks/RESULTS.md, section 1, sessions 10 and 18). Anything else (NCHW maps, training,
     ``torch.compile``/``torch.export``/ONNX export, :func:`aten_only`) runs ``conv2d``, so exported graphs hold
     standard ops. Same weights, state-dict keys and outputs (up to float rounding) either way; the op reads a cached
-    transposed copy of the weight."""
+    transposed, packed copy of the weight (:func:`kernel_matrix`)."""
 
     def __init__(self, in_chs: int, out_chs: int, bias: bool = True, **kwargs):
         super().__init__(in_chs, out_chs, 1, bias=bias, **kwargs)
