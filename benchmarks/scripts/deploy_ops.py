@@ -1,8 +1,9 @@
 """Each of the deploy form's session-18 C++ ops alone, at UniForm's batch-16 shapes, against what it replaced (one
 thread, interleaved rounds, medians):
 
-* ``pointwise``: ``pointwise_conv`` against oneDNN's matmul (``mkldnn._linear_pointwise``, the ReLU fused where the
-  model has one) for every 1x1 conv shape of uniform_t and uniform_m;
+* ``pointwise``: ``pointwise_conv`` (on packed weights, as the model runs it) against oneDNN's matmul
+  (``mkldnn._linear_pointwise``, the ReLU fused where the model has one) for every 1x1 conv shape of uniform_t and
+  uniform_m;
 * ``conv3x3``: ``conv3x3_s2`` against ATen's conv (+ ReLU) for the stem's later convs of uniform_t / s / l;
 * ``expand_dw``: ``expand_dw`` against the same layers as separate ops (the 1x1 op with its ReLU, then the
   depthwise op and a ReLU) for the patch mergings of uniform_t and uniform_m.
@@ -64,9 +65,9 @@ def row(name: str, flops: float, t: dict[str, float], old: str) -> str:
 
 def pointwise_pair(m: int, k: int, n: int, relu: bool, g: torch.Generator) -> tuple[Callable, Callable, int]:
     x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    wt = w.t().contiguous()
+    wt = cpu_kernels.pack_panels(w.t().contiguous())  # as the model's weight cache holds it
     return (lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, 'relu' if relu else 'none', [], ''),
-            lambda: torch.ops.uniform_vit.pointwise_conv(x, wt, b, relu), 2 * m * k * n)
+            lambda: torch.ops.uniform_vit.pointwise_conv(x, wt, b, relu, True), 2 * m * k * n)
 
 
 def conv3x3_pair(bsz: int, cin: int, cout: int, hw: int, relu: bool, g: torch.Generator) -> tuple[Callable, Callable,
@@ -87,14 +88,14 @@ def expand_dw_pair(bsz: int, c: int, hw: int, g: torch.Generator) -> tuple[Calla
     x = torch.randn(bsz, c, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
     w1, b1 = torch.randn(xc, c, generator=g) / c ** 0.5, torch.randn(xc, generator=g)
     wd, bd = torch.randn(xc, 1, 3, 3, generator=g), torch.randn(xc, generator=g)
-    w1t, wdw = w1.t().contiguous(), wd[:, 0].permute(1, 2, 0).contiguous()
+    w1t, wdw = cpu_kernels.pack_panels(w1.t().contiguous()), wd[:, 0].permute(1, 2, 0).contiguous()
 
     def separate() -> torch.Tensor:
-        y = ops.pointwise_conv(x.permute(0, 2, 3, 1).reshape(-1, c), w1t, b1, True)
+        y = ops.pointwise_conv(x.permute(0, 2, 3, 1).reshape(-1, c), w1t, b1, True, True)
         return ops.depthwise_conv(y.view(bsz, hw, hw, xc).permute(0, 3, 1, 2), wd, bd, 2).relu_()
 
     flops = 2 * bsz * hw * hw * c * xc + 2 * bsz * ((hw + 1) // 2) ** 2 * xc * 9
-    return separate, lambda: ops.expand_dw(x, w1t, b1, wdw, bd), flops
+    return separate, lambda: ops.expand_dw(x, w1t, b1, wdw, bd, True), flops
 
 
 def main() -> None:
