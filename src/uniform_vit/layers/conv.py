@@ -364,8 +364,8 @@ class ResidualFFN(Residual):
     in the products' epilogues. 1.01-1.14x oneDNN's two matmuls at UniForm's shapes, the fused, traced models
     1.01-1.035x (uniform_m the most; an AVX2 Zen 3, benchmarks/RESULTS.md, section 1, session 17). Elsewhere (no
     kernel, NCHW maps, training, ``torch.compile``/``torch.export``/ONNX, :func:`aten_only`) it is :class:`Residual`.
-    Same keys: the transposed weights the op reads are a cache (a second copy of the FFN's weights in memory),
-    rebuilt when the weights change (``load_state_dict``, ``.to()``)."""
+    Same keys: the transposed, packed weights the op reads (:func:`kernel_matrix`) are a cache (a second copy of the
+    FFN's weights in memory), rebuilt when the weights change (``load_state_dict``, ``.to()``)."""
 
     def _weights(self, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
         w1, w2 = self.m.pw1.weight, self.m.pw2.weight

@@ -116,9 +116,12 @@ def _register_flop_formulas() -> None:
         b, cq, n = q_shape
         return 2 * b * n * n * (cq + v_shape[1])
 
-    def stem_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    def conv3x3_s2_flops(x_shape, cout: int) -> int:  # a 3x3 stride-2 conv with padding 1
         b, cin, h, w = x_shape
-        return 2 * b * ((h + 1) // 2) * ((w + 1) // 2) * w_shape[0] * cin * 9
+        return 2 * b * ((h + 1) // 2) * ((w + 1) // 2) * cout * cin * 9
+
+    def stem_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return conv3x3_s2_flops(x_shape, w_shape[0])  # w: (Cout, Cin, 3, 3)
 
     def depthwise_flops(x_shape, w_shape, b_shape, stride, *args, out_shape=None, **kwargs) -> int:
         b, c, h, w = x_shape  # every tap of every output, as the flop counter counts ATen's convolutions
@@ -131,8 +134,7 @@ def _register_flop_formulas() -> None:
         return 2 * x_shape[0] * wt_shape[0] * wt_shape[1]
 
     def conv3x3_flops(x_shape, wt_shape, *args, out_shape=None, **kwargs) -> int:
-        b, cin, h, w = x_shape
-        return 2 * b * ((h + 1) // 2) * ((w + 1) // 2) * wt_shape[3] * cin * 9
+        return conv3x3_s2_flops(x_shape, wt_shape[3])  # wt: (3, 3, Cin, Cout)
 
     def expand_dw_flops(x_shape, w1t_shape, *args, out_shape=None, **kwargs) -> int:
         b, c, h, w = x_shape

@@ -76,37 +76,31 @@ inline void mk(const float* a, int64_t lda, const Segments& sg, int64_t K, const
     }
 }
 
-// columns j0 .. j1 of rows 0 .. RR - 1: full panels, then single vectors, then scalars
+// columns j0 .. j1 of rows 0 .. RR - 1: full panels, then single vectors, then scalars. Plain b: the block at column j
+// is b + j, rows ldb apart; packed b (ldb < 0): it starts at b + K j, rows as far apart as the block is wide.
 template <int RR, Epi E>
 inline void rows(const float* a, int64_t lda, const Segments& sg, int64_t K, const float* b, int64_t ldb,
                  const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc, int64_t j0, int64_t j1) {
-  int64_t j = j0;
+  const bool packed = ldb < 0;
+  const auto bj = [&](int64_t j) { return packed ? b + K * j : b + j; };
+  const auto ld = [&](int64_t width) { return packed ? width : ldb; };
   const auto rj = [&](int64_t jj) { return E == Epi::kAdd ? res + jj : nullptr; };
-  if (ldb < 0) {  // packed: the block at column j starts at K j, its rows are the block's width apart
-    for (; j + NV * V <= j1; j += NV * V)
-      mk<RR, NV, E>(a, lda, sg, K, b + K * j, NV * V, bias + j, rj(j), ldr, c + j, ldc);
-    for (; j + V <= j1; j += V) mk<RR, 1, E>(a, lda, sg, K, b + K * j, V, bias + j, rj(j), ldr, c + j, ldc);
-    for (; j < j1; ++j)
-      for (int r = 0; r < RR; ++r) {
-        float acc = bias[j];
-        for (int64_t k = 0; k < K; ++k) acc += a[r * lda + k] * b[K * j + k];
-        if constexpr (E == Epi::kRelu) acc = std::max(acc, 0.f);
-        if constexpr (E == Epi::kAdd) acc += res[r * ldr + j];
-        c[r * ldc + j] = acc;
-      }
-    return;
-  }
-  for (; j + NV * V <= j1; j += NV * V) mk<RR, NV, E>(a, lda, sg, K, b + j, ldb, bias + j, rj(j), ldr, c + j, ldc);
-  for (; j + V <= j1; j += V) mk<RR, 1, E>(a, lda, sg, K, b + j, ldb, bias + j, rj(j), ldr, c + j, ldc);
-  for (; j < j1; ++j)
+  int64_t j = j0;
+  for (; j + NV * V <= j1; j += NV * V)
+    mk<RR, NV, E>(a, lda, sg, K, bj(j), ld(NV * V), bias + j, rj(j), ldr, c + j, ldc);
+  for (; j + V <= j1; j += V) mk<RR, 1, E>(a, lda, sg, K, bj(j), ld(V), bias + j, rj(j), ldr, c + j, ldc);
+  for (; j < j1; ++j) {
+    const float* bc = bj(j);
+    const int64_t ldk = ld(1);
     for (int r = 0; r < RR; ++r) {
       float acc = bias[j];
       for (int s = 0; s < sg.n; ++s)
-        for (int64_t k = 0; k < K; ++k) acc += a[r * lda + sg.aoff[s] + k] * b[sg.boff[s] + k * ldb + j];
+        for (int64_t k = 0; k < K; ++k) acc += a[r * lda + sg.aoff[s] + k] * bc[sg.boff[s] + k * ldk];
       if constexpr (E == Epi::kRelu) acc = std::max(acc, 0.f);
       if constexpr (E == Epi::kAdd) acc += res[r * ldr + j];
       c[r * ldc + j] = acc;
     }
+  }
 }
 
 // c (M x N) = epilogue(bias + product) for M rows (a tile: a few dozen), column panels outer, row blocks inner
