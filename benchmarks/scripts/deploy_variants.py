@@ -238,23 +238,32 @@ class _Unpacked(nn.Module):
             conv_mod.PACK_WEIGHTS = old
 
 
+def _patch(model: nn.Module, cls: type | tuple, fn, name: str = 'forward') -> None:
+    """Bind ``fn`` as method ``name`` on every ``cls`` module of ``model`` (an instance override of its class's)."""
+    for m in model.modules():
+        if isinstance(m, cls):
+            setattr(m, name, types.MethodType(fn, m))
+
+
+def _ffn_residuals(model: nn.Module) -> list[Residual]:
+    return [m for m in model.modules() if isinstance(m, Residual) and isinstance(m.m, FFN)]
+
+
 def apply(model: nn.Module, variant: str) -> nn.Module:
     """A copy of the deploy-form ``model`` with ``variant`` patched in (method overrides on its instances);
     ``a+b`` applies both."""
     if '+' in variant:
-        for v in variant.split('+'):
+        # 'unpacked' wraps the model, so it goes last: the others patch the network's own modules
+        for v in sorted(variant.split('+'), key=lambda v: v == 'unpacked'):
             model = apply(model, v)
         return model
     model = copy.deepcopy(model)
     stem = model.patch_embed
     if variant == 'postops-ffn':
-        for m in model.modules():
-            if isinstance(m, Residual) and isinstance(m.m, FFN):
-                m.forward = types.MethodType(_ffn_postops, m)
+        for m in _ffn_residuals(model):
+            m.forward = types.MethodType(_ffn_postops, m)
     elif variant == 'postops-pm':
-        for m in model.modules():
-            if isinstance(m, PatchMerging):
-                m.forward = types.MethodType(_pm_postops, m)
+        _patch(model, PatchMerging, _pm_postops)
     elif variant == 'postops-stem':
         stem.forward = types.MethodType(_stem_postops, stem)
     elif variant == 'stem-nchw-conv1':
@@ -263,71 +272,49 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
     elif variant == 'stem-one-transpose':
         stem.forward = types.MethodType(_stem_one_transpose, stem)
     elif variant == 'conv1x1':
-        for m in model.modules():
-            if isinstance(m, PointwiseConv2d):
-                m.forward = types.MethodType(nn.Conv2d.forward, m)
+        _patch(model, PointwiseConv2d, nn.Conv2d.forward)
     elif variant == 'mkl1x1':
-        for m in model.modules():
-            if isinstance(m, PointwiseConv2d):
-                m.forward = types.MethodType(_mkl_1x1, m)
+        _patch(model, PointwiseConv2d, _mkl_1x1)
     elif variant in ('linear-relu', 'linear-relu-add'):
         fn = _ffn_linear_relu if variant == 'linear-relu' else _ffn_linear_relu_add
-        for m in model.modules():
-            if isinstance(m, Residual) and isinstance(m.m, FFN):
-                m.forward = types.MethodType(fn, m)
+        for m in _ffn_residuals(model):
+            m.forward = types.MethodType(fn, m)
     elif variant == 'stem-contiguous':
         stem.forward = types.MethodType(_stem_contiguous, stem)
     elif variant == 'stem-nchw-wcl':
         stem.forward = types.MethodType(_stem_nchw_wcl, stem)
     elif variant in ('pm-chunks2', 'pm-chunks4'):
-        for m in model.modules():
-            if isinstance(m, PatchMerging):
-                m.forward = types.MethodType(_pm_chunks(int(variant[-1])), m)
+        _patch(model, PatchMerging, _pm_chunks(int(variant[-1])))
     elif variant == 'stem-aten':
         stem.stem_kernel = False
     elif variant == 'ffn-onednn':
-        for m in model.modules():
-            if isinstance(m, ResidualFFN):
-                m.forward = types.MethodType(Residual.forward, m)
+        _patch(model, ResidualFFN, Residual.forward)
     elif variant == 'prepacked1x1':
-        for m in model.modules():
-            if isinstance(m, PointwiseConv2d):
-                m.forward = types.MethodType(_prepacked_1x1, m)
+        _patch(model, PointwiseConv2d, _prepacked_1x1)
     elif variant == 'pw-onednn':
-        for m in model.modules():
-            if isinstance(m, PointwiseConv2d):
-                m.forward = types.MethodType(_pw_onednn, m)
+        _patch(model, PointwiseConv2d, _pw_onednn)
     elif variant == 'pm-separate':
         for m in model.modules():
             if isinstance(m, PatchMerging):
                 m.expand_kernel = False
     elif variant == 'dw-slices-aten':
-        for m in model.modules():
-            if isinstance(m, DepthwiseConv2d):
-                m.forward = types.MethodType(_dw_slices_aten, m)
+        _patch(model, DepthwiseConv2d, _dw_slices_aten)
     elif variant == 'unpacked':
         return _Unpacked(model)
     elif variant == 'dw-full-taps':
-        for m in model.modules():
-            if isinstance(m, DepthwiseConv2d):
-                m._tap_radius = types.MethodType(lambda self: None, m)
+        _patch(model, DepthwiseConv2d, lambda self: None, '_tap_radius')
     elif variant == 'se-timm':
-        for m in model.modules():
-            if isinstance(m, DeployPatchMerging):
-                m._squeeze_excite = types.MethodType(lambda self, y: self.se(y), m)
+        _patch(model, DeployPatchMerging, lambda self, y: self.se(y), '_squeeze_excite')
     elif variant == 'stem3x3-aten':
         stem.conv_kernel = False
     elif variant == 'stem3x3-all':
         stem.conv_kernel_max_out = 1 << 30
-    elif variant in ('stem-chunks1', 'stem-chunks4',
-            'unpacked'):
+    elif variant in ('stem-chunks1', 'stem-chunks4'):
         stem.chunks = int(variant[-1])
     elif variant == 'stem3x3-max16':
         stem.conv_kernel_max_out = 16
     elif variant == 'dw-aten':
-        for m in model.modules():
-            if isinstance(m, DepthwiseConv2d):
-                m.forward = types.MethodType(_dw_aten, m)
+        _patch(model, DepthwiseConv2d, _dw_aten)
     else:
         raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
     return model
