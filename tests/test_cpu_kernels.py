@@ -694,6 +694,224 @@ def test_deploy_stem_and_patch_merging_use_the_kernels_where_they_may():
     assert 'uniform_vit.expand_dw' not in log.ops and 'uniform_vit.conv3x3_s2' not in log.ops
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# training: the depthwise weight gradient on maps smaller than the kernel, 1x1 convs as matrix products, BatchNorm
+# over channel counts ATen's channels-last kernel handles slowly
+
+
+def _aten_dw_grad_weight(x: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
+    w = torch.empty(x.shape[1], 1, k, k)
+    return torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [k // 2] * 2, [1, 1], False, [0, 0],
+                                               x.shape[1], [False, True, False])[1]
+
+
+@needs_kernel
+@pytest.mark.parametrize('c', [1, 5, 8, 20, 32, 40, 192])  # one- and two-vector blocks, masked tails
+@pytest.mark.parametrize('k', [1, 3, 5, 7])
+def test_depthwise_grad_weight_matches_aten(c, k):
+    op = _op('depthwise_grad_weight')
+    gen = torch.Generator().manual_seed(c * 10 + k)
+    for h, w in [(2, 2), (4, 4), (1, 3), (3, 1), (7, 7), (5, 9)]:  # smaller than the kernel, and not
+        x, g = (torch.randn(3, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last) for _ in range(2))
+        ref = _aten_dw_grad_weight(x, g, k)
+        out = op(x, g, k, k, k // 2, k // 2)
+        assert out.shape == (c, 1, k, k) and torch.allclose(out, ref, atol=1e-4, rtol=1e-5), (h, w)
+        assert torch.equal(op(x.contiguous(), g.contiguous(), k, k, k // 2, k // 2), out)  # NCHW: through copies
+    wide = torch.randn(3, c + 5, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    wide[:, 2:2 + c] = x
+    assert torch.equal(op(wide[:, 2:2 + c], g, k, k, k // 2, k // 2), out)  # a channel slice, read in place
+    if k > 1:  # a cropped kernel of another height than width (SameConv2d on a 2 x 5 map)
+        x, g = (torch.randn(2, c, 2, 5, generator=gen) for _ in range(2))
+        ref = torch.ops.aten.convolution_backward(g, x, torch.empty(c, 1, 3, k), None, [1, 1], [1, k // 2], [1, 1],
+                                                  False, [0, 0], c, [False, True, False])[1]
+        assert torch.allclose(op(x, g, 3, k, 1, k // 2), ref, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+def test_depthwise_grad_weight_threads_bad_inputs_and_flops():
+    op = _op('depthwise_grad_weight')
+    x, g = (torch.randn(16, 72, 4, 4).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    one, two = _one_and_two_threads(lambda: op(x, g, 7, 7, 3, 3))
+    assert torch.equal(one, two)
+    with pytest.raises(RuntimeError, match='differ'):
+        op(x, g[:, :8], 3, 3, 1, 1)
+    with pytest.raises(RuntimeError, match='does not keep the map'):
+        op(x, g, 3, 3, 0, 0)
+    with pytest.raises(RuntimeError, match='float32'):
+        op(x.double(), g.double(), 3, 3, 1, 1)
+    with pytest.raises(RuntimeError, match=r'expected x and g \(B, C, H, W\)'):
+        op(x[0], g[0], 3, 3, 1, 1)
+    assert _flops(lambda: op(x, g, 7, 7, 3, 3)) == 2 * 16 * 72 * 16 * 49
+
+
+@pytest.mark.parametrize('kernels', [True, False])  # the C++ op, or the sums per tap (no kernels, torch.compile)
+def test_depthwise_training_on_small_maps_gives_atens_gradients(kernels, monkeypatch):
+    if kernels and not (HAS_TOOLS and ISA_OK and cpu_kernels.enabled()):
+        pytest.skip('needs the C++ kernels')
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, 'depthwise_grad_weight', lambda: None)
+    gen = torch.Generator().manual_seed(3)
+    for h, w, k in [(3, 5, 7), (2, 2, 3), (4, 4, 5), (1, 1, 3), (8, 8, 3)]:  # (8, 8): not smaller, ATen's backward
+        m = make_conv(24, 24, k, 1, k // 2, groups=24)
+        m.bias.data.normal_(generator=gen)
+        x = torch.randn(2, 24, h, w, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+        gy = torch.randn(2, 24, h, w, generator=gen)
+        xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, m.weight, m.bias))
+        F.conv2d(xr, wr, br, 1, k // 2, 1, 24).backward(gy)
+        with OpLog() as log:
+            y = m(x)
+            y.backward(gy)
+        assert torch.allclose(y, F.conv2d(xr, wr, br, 1, k // 2, 1, 24), atol=1e-5)
+        for got, ref in ((x.grad, xr.grad), (m.weight.grad, wr.grad), (m.bias.grad, br.grad)):
+            assert torch.allclose(got, ref, atol=1e-4, rtol=1e-5), (h, w, k)
+        small = h < min(k, 2 * h - 1) or w < min(k, 2 * w - 1)  # after SameConv2d's crop: (1, 1, 3) runs a 1x1
+        assert ('uniform_vit.depthwise_grad_weight' in log.ops) == (small and kernels)
+        # one ATen convolution backward: the input's gradient alone on small maps, both gradients on (8, 8)
+        assert log.ops.count('aten.convolution_backward') == 1
+    monkeypatch.setattr(conv_mod, 'SMALL_MAP_GRAD', False)  # the A/B switch: ATen's backward for everything
+    m = make_conv(24, 24, 3, 1, 1, groups=24)
+    x = torch.randn(2, 24, 2, 2).contiguous(memory_format=torch.channels_last)
+    with OpLog() as log:
+        m(x).sum().backward()
+    assert 'uniform_vit.depthwise_grad_weight' not in log.ops and m.weight.grad is not None
+
+
+def test_pointwise_conv_trains_as_a_matrix_product(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    m = make_conv(20, 12, 1)
+    x = torch.randn(3, 20, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    gy = torch.randn(3, 12, 4, 5, generator=gen)
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, m.weight, m.bias))
+    ref = F.conv2d(xr, wr, br)
+    ref.backward(gy)
+    with OpLog() as log:
+        y = m(x)
+        y.backward(gy)
+    assert 'aten.convolution' not in log.ops and 'aten.convolution_backward' not in log.ops
+    assert 'aten.addmm' in log.ops and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y, ref, atol=1e-5)
+    for got, want in ((x.grad, xr.grad), (m.weight.grad, wr.grad), (m.bias.grad, br.grad)):
+        assert torch.allclose(got, want, atol=1e-5)
+    for off in ('nchw', 'switch'):  # NCHW maps, or the A/B switch: ATen's convolution
+        if off == 'switch':
+            monkeypatch.setattr(conv_mod, 'TRAIN_MATMUL', False)
+        with OpLog() as log:
+            m(x.contiguous() if off == 'nchw' else x).sum().backward()
+        assert 'aten.convolution_backward' in log.ops
+
+
+@needs_kernel
+@pytest.mark.parametrize('c', [1, 5, 8, 13, 16, 24, 40])  # whole vectors and scalar tails
+def test_batch_norm_train_matches_aten(c):
+    fwd, bwd = _op('batch_norm_train'), torch.ops.uniform_vit.batch_norm_train_backward
+    gen = torch.Generator().manual_seed(c)
+    for shape in [(4, c, 9, 7), (2, c, 1, 2), (16, c, 20, 20)]:  # one chunk of 256 rows, and 25 of them
+        x = (torch.randn(*shape, generator=gen) * 3 + 2).contiguous(memory_format=torch.channels_last)
+        w, b, g = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen), torch.randn(*shape, generator=gen)
+        xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))  # the reference in float64
+        ref = F.batch_norm(xr, None, None, wr, br, True, 0.0, 1e-5)
+        ref.backward(g.double())
+        ref, ref_gx, ref_gw, ref_gb = (t.float() for t in (ref, xr.grad, wr.grad, br.grad))
+        y, mean, invstd = fwd(x, w, b, 1e-5)
+        var, mu = torch.var_mean(x, (0, 2, 3), unbiased=False)
+        assert y.is_contiguous(memory_format=torch.channels_last) and torch.allclose(y, ref, atol=1e-5)
+        assert torch.allclose(mean, mu, atol=1e-6) and torch.allclose(invstd, (var + 1e-5).rsqrt(), rtol=1e-5)
+        gx, gw, gb = bwd(g, x, mean, invstd, w)
+        assert torch.allclose(gx, ref_gx, atol=1e-5, rtol=1e-4), shape
+        tol = 2e-7 * (x.numel() // c)  # sums of M float terms (ATen's own float sums drift as far)
+        assert torch.allclose(gw, ref_gw, atol=tol, rtol=1e-5) and torch.allclose(gb, ref_gb, atol=tol, rtol=1e-5)
+        assert torch.allclose(bwd(g.contiguous(memory_format=torch.channels_last), x, mean, invstd, w)[0], gx)
+
+
+@needs_kernel
+def test_batch_norm_train_threads_and_bad_inputs():
+    fwd, bwd = _op('batch_norm_train'), torch.ops.uniform_vit.batch_norm_train_backward
+    x = torch.randn(32, 8, 30, 30).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    one, two = _one_and_two_threads(lambda: fwd(x, w, b, 1e-5))
+    for a, b_ in zip(one, two):
+        assert torch.allclose(a, b_, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match='channels-last'):
+        fwd(x.contiguous(), w, b, 1e-5)
+    with pytest.raises(RuntimeError, match=r'weight must be float32 \(8\)'):
+        fwd(x, torch.ones(5), b, 1e-5)
+    with pytest.raises(RuntimeError, match='at least one value per channel'):
+        fwd(x[:0], w, b, 1e-5)
+    with pytest.raises(RuntimeError, match='differ'):
+        bwd(x[:2], x, w, w, w)
+
+
+@needs_kernel
+def test_batch_norm_module_uses_the_kernel_where_it_may(monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    for momentum in (0.1, None):  # nn.BatchNorm2d's running averages: exponential, or cumulative
+        ours, ref = conv_mod.BatchNorm2d(8, momentum=momentum), torch.nn.BatchNorm2d(8, momentum=momentum)
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5, generator=gen)
+            ours.bias.normal_(generator=gen)
+        ref.load_state_dict(ours.state_dict())
+        assert list(ours.state_dict()) == list(ref.state_dict())
+        for _ in range(3):
+            x = (torch.randn(4, 8, 5, 6, generator=gen) + 1).contiguous(memory_format=torch.channels_last)
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            g = torch.randn(4, 8, 5, 6, generator=gen)
+            with OpLog() as log:
+                y = ours(xa)
+                y.backward(g)
+            assert 'uniform_vit.batch_norm_train' in log.ops and 'uniform_vit.batch_norm_train_backward' in log.ops
+            yr = ref(xb)
+            yr.backward(g)
+            assert torch.allclose(y, yr, atol=1e-5) and y.is_contiguous(memory_format=torch.channels_last)
+            for got, want in ((xa.grad, xb.grad), (ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)):
+                assert torch.allclose(got, want, atol=1e-4)
+        for name, t in ours.state_dict().items():  # running mean and (unbiased) variance, batches counted
+            assert torch.allclose(t.float(), ref.state_dict()[name].float(), atol=1e-6), name
+    bn = conv_mod.BatchNorm2d(8)
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    for case in ('eval', 'nchw', 'multiple of 16', 'switch'):  # ATen's BatchNorm
+        m = conv_mod.BatchNorm2d(32) if case == 'multiple of 16' else bn
+        xi = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last) if m is not bn else x
+        m.train(case != 'eval')
+        if case == 'switch':
+            monkeypatch.setattr(conv_mod, 'BN_KERNEL', False)
+        with OpLog() as log:
+            m(xi.contiguous() if case == 'nchw' else xi)
+        assert 'uniform_vit.batch_norm_train' not in log.ops, case
+    monkeypatch.setattr(conv_mod, 'BN_KERNEL', True)
+    with pytest.raises(ValueError, match='more than 1 value per channel'):  # ATen's own error, one value per channel
+        bn.train()(torch.randn(1, 8, 1, 1).contiguous(memory_format=torch.channels_last))
+    assert isinstance(conv_mod.ConvNorm(3, 8, 3).bn, conv_mod.BatchNorm2d)
+
+
+def test_training_paths_give_the_same_gradients_in_a_model(monkeypatch):
+    """A uniform_t training step at 64 px (maps of 2x2 and 1x1 in the late stages) has the same loss and gradients
+    with the training paths (depthwise weight gradients on small maps, 1x1 convs as products, the stem's narrow
+    BatchNorms) as with ATen's ops."""
+    model = timm.create_model('uniform_t', num_classes=10, in_chans=1).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 64, 64).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 3, 7, 9])
+
+    def step():
+        model.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    with OpLog() as log:
+        loss, grads = step()
+    assert 'aten.addmm' in log.ops and 'aten.mm' in log.ops
+    monkeypatch.setattr(conv_mod, 'SMALL_MAP_GRAD', False)
+    monkeypatch.setattr(conv_mod, 'TRAIN_MATMUL', False)
+    monkeypatch.setattr(conv_mod, 'BN_KERNEL', False)
+    ref_loss, ref = step()
+    assert torch.allclose(loss, ref_loss, atol=1e-6)
+    # float rounding of the stem's BatchNorm grows through the late BatchNorms, which see 4 values per channel here
+    # (1x1 maps, batch 4): within 0.1 % of each tensor's largest gradient, where a wrong term would be off by O(1)
+    scale = max(g.abs().max() for g in ref.values())
+    for name, g in grads.items():
+        assert (g - ref[name]).abs().max() <= 1e-3 * ref[name].abs().max() + 1e-6 * scale, name
+
+
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
     import torch.utils.cpp_extension as ext
 
@@ -711,6 +929,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         assert cpu_kernels.stem_conv() is None and cpu_kernels.depthwise_conv() is None
         assert cpu_kernels.residual_ffn() is None and cpu_kernels.pointwise_conv() is None
         assert cpu_kernels.conv3x3_s2() is None and cpu_kernels.expand_dw() is None
+        assert cpu_kernels.depthwise_grad_weight() is None and cpu_kernels.batch_norm_train() is None
     assert cpu_kernels.status().startswith('off (build failed: RuntimeError')
     q, k, v = _inputs('token-major', 1, 600, 32, torch.Generator().manual_seed(4))
     out = reuse_attention(q, k, v, None, 0.3, 'tiled')  # the ATen path

@@ -38,17 +38,70 @@ class SameConv2d(nn.Conv2d):
     On a map smaller than the kernel (a 7x7 depthwise conv over UniForm's 2x2 or 1x1 late-stage maps at low
     resolution) only the central (2H-1) x (2W-1) taps touch the input, so cropping the kernel to them is exact. It
     also matters for speed: oneDNN took ~20 ms for one 7x7 depthwise conv over a 1x1 map at batch 128, a 1x1 tap
-    takes microseconds."""
+    takes microseconds. Training a depthwise conv on a CPU map still smaller than its (cropped) kernel runs
+    :class:`_SmallMapDepthwise`, whose weight gradient is not oneDNN's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kh, kw = self.kernel_size
         H, W = x.shape[-2:]
+        w, padding = self.weight, self.padding
         if kh > 2 * H - 1 or kw > 2 * W - 1:
             ch, cw = min(kh, 2 * H - 1), min(kw, 2 * W - 1)
             oh, ow = (kh - ch) // 2, (kw - cw) // 2
-            w = self.weight[:, :, oh:oh + ch, ow:ow + cw]
-            return F.conv2d(x, w, self.bias, 1, (ch // 2, cw // 2), self.dilation, self.groups)
-        return super().forward(x)
+            w, padding = w[:, :, oh:oh + ch, ow:ow + cw], (ch // 2, cw // 2)
+        if _small_map_training(x, w, self.groups, self.dilation, self.padding_mode):
+            return _SmallMapDepthwise.apply(x, w, self.bias, padding)
+        if w is self.weight:
+            return super().forward(x)
+        return F.conv2d(x, w, self.bias, 1, padding, self.dilation, self.groups)
+
+
+SMALL_MAP_GRAD = True  # A/B switch (benchmarks/scripts): _SmallMapDepthwise's weight gradient on small maps
+
+
+def _small_map_training(x: torch.Tensor, w: torch.Tensor, groups: int, dilation: tuple, padding_mode: str) -> bool:
+    """A depthwise conv's training call on a CPU map smaller than its kernel: where oneDNN's weight gradient is slow."""
+    return (SMALL_MAP_GRAD and torch.is_grad_enabled() and w.requires_grad and not torch.jit.is_tracing()
+            and x.device.type == 'cpu' and x.dim() == 4 and groups == x.shape[1] == w.shape[0] > 1
+            and dilation == (1, 1) and padding_mode == 'zeros' and (x.shape[2] < w.shape[2] or x.shape[3] < w.shape[3]))
+
+
+class _SmallMapDepthwise(torch.autograd.Function):
+    """Stride-1 depthwise conv with 'same' padding whose weight gradient is not oneDNN's.
+
+    On maps smaller than the kernel (UniForm's 3x3 convs over 2x2 maps and its 5x5 / 7x7 value convs over 4x4 maps
+    when small images are upsampled to 96-112 px) oneDNN's weight gradient ran 10-60x slower than its forward on an
+    AVX2 Zen 3: 10 ms for 192 channels of 2x2 at batch 128 (benchmarks/RESULTS.md, section 3, session 19). Here it
+    is this library's C++ op (:func:`~uniform_vit.layers.cpu_kernels.depthwise_grad_weight`, 0.1 ms there) or,
+    without the kernels and inside ``torch.compile``, a sum per tap, sum(g * x shifted by the tap), which inductor
+    fuses (0.6 ms eager). The input gradient and the forward stay ATen's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, padding: tuple) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.padding = padding
+        return F.conv2d(x, w, bias, 1, padding, 1, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        (ph, pw), (kh, kw) = ctx.padding, w.shape[2:]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], list(ctx.padding), [1, 1], False, [0, 0],
+                                                     x.shape[1], [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            op = cpu_kernels.depthwise_grad_weight() if x.dtype == g.dtype == torch.float32 else None
+            if op is not None:
+                gw = op(x, g, kh, kw, ph, pw).to(w.dtype)
+            else:
+                H, W = x.shape[2:]
+                xp = F.pad(x, (pw, kw - 1 - pw, ph, kh - 1 - ph))
+                gw = torch.stack([(g * xp[:, :, i:i + H, j:j + W]).sum((0, 2, 3))
+                                  for i in range(kh) for j in range(kw)], 1).view_as(w)
+        if ctx.needs_input_grad[2]:
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None
 
 
 def _untraced(fn: Callable[[], object]) -> object:
@@ -136,6 +189,7 @@ def _pointwise_traceable() -> Callable:
 
 
 POINTWISE_KERNEL = True  # A/B switch (benchmarks/scripts): PointwiseConv2d's C++ op where it is built
+TRAIN_MATMUL = True  # A/B switch: PointwiseConv2d trains as a matrix product on channels-last CPU maps
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -147,10 +201,12 @@ class PointwiseConv2d(nn.Conv2d):
     convolution primitive and its weight reorder: oneDNN's matmul ran the same product in up to 20 % less time and the
     fused, traced uniform_t 1.09-1.10x faster (one thread, this project's Zen 5); on an AVX2 Zen 3 the C++ op ran 15
     of UniForm's 18 1x1 shapes 1.02-1.39x as fast as oneDNN's matmul (the widest 0.88-0.95x) and the fused, traced
-    models 1-2 % faster (benchmarks/RESULTS.md, section 1, sessions 10 and 18). Anything else (NCHW maps, training,
-    ``torch.compile``/``torch.export``/ONNX export, :func:`aten_only`) runs ``conv2d``, so exported graphs hold
-    standard ops. Same weights, state-dict keys and outputs (up to float rounding) either way; the op reads a cached
-    transposed, packed copy of the weight (:func:`kernel_matrix`)."""
+    models 1-2 % faster (benchmarks/RESULTS.md, section 1, sessions 10 and 18). Training on channels-last CPU maps
+    (compiled or not) runs ``F.linear`` over the token rows, whose backward is two BLAS products
+    (:meth:`_train_matmul`). Anything else (NCHW maps, GPUs, inference under ``torch.compile``/``torch.export``/ONNX
+    export, :func:`aten_only`) runs ``conv2d``, so exported graphs hold standard ops. Same weights, state-dict keys
+    and outputs (up to float rounding) either way; the op reads a cached transposed, packed copy of the weight
+    (:func:`kernel_matrix`)."""
 
     def __init__(self, in_chs: int, out_chs: int, bias: bool = True, **kwargs):
         super().__init__(in_chs, out_chs, 1, bias=bias, **kwargs)
@@ -179,7 +235,20 @@ class PointwiseConv2d(nn.Conv2d):
         if self._onednn_ok(x):
             fn = _pointwise_traceable() if torch.jit.is_tracing() else _pointwise_onednn
             return fn(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
+        if self._train_matmul(x):
+            B, C, H, W = x.shape
+            y = F.linear(x.permute(0, 2, 3, 1).reshape(B * H * W, C), self.weight.view(self.out_channels, C), self.bias)
+            return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)
         return super().forward(x)
+
+    def _train_matmul(self, x: torch.Tensor) -> bool:
+        """Training on a channels-last CPU map: one matrix product over the tokens (``F.linear``), whose backward is
+        two more (BLAS), instead of oneDNN's convolution and its backward: 1.2-2.3x faster per conv on UniForm's
+        small late-stage maps, uniform_t's training step 1.09-1.14x (AVX2 Zen 3; benchmarks/RESULTS.md, section 3,
+        session 19)."""
+        return (TRAIN_MATMUL and x.device.type == 'cpu' and x.dim() == 4 and torch.is_grad_enabled()
+                and (x.requires_grad or self.weight.requires_grad)
+                and x.is_contiguous(memory_format=torch.channels_last) and not torch.jit.is_tracing())
 
 
 DEPTHWISE_KERNEL = True  # A/B switch (benchmarks/scripts): DepthwiseConv2d's C++ op where it is built
@@ -261,6 +330,63 @@ def make_conv(in_chs: int, out_chs: int, kernel_size: int | tuple, stride: int |
     return cls(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias, **kwargs)
 
 
+# BatchNorm2d's C++ training ops for channel counts that are not a multiple of this: ATen's channels-last BatchNorm
+# ran 1.2-8x slower there (8, 12, 20, 24, 40, 72, 120 channels) and as fast or faster at 16, 32, 48, 64, 96, 128
+# (AVX2 Zen 3, benchmarks/RESULTS.md, section 3, session 19)
+BN_ATEN_MULTIPLE = 16
+BN_KERNEL = True  # A/B switch (benchmarks/scripts)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters, buffers, state-dict keys and results) whose training-mode forward on a
+    channels-last float32 CPU map runs this library's C++ ops (:func:`~uniform_vit.layers.cpu_kernels.
+    batch_norm_train`) when its channel count is not a multiple of :data:`BN_ATEN_MULTIPLE`: ATen's channels-last
+    BatchNorm ran 4-8x slower than the ops at 8-24 channels, and uniform_t's first stem layer has 8: 26 ms of a
+    310 ms step at 112 px (benchmarks/RESULTS.md, section 3, session 19). Everywhere else (evaluation, channel counts
+    ATen handles well, NCHW, GPUs, ``torch.compile``, traces, no kernels) it is ``nn.BatchNorm2d``. Running
+    statistics follow ``nn.BatchNorm2d``'s rule (momentum, or a cumulative average with ``momentum=None``; unbiased
+    variance)."""
+
+    def _kernel_op(self, x: torch.Tensor):
+        if not (BN_KERNEL and self.training and self.affine and self.track_running_stats
+                and not torch.jit.is_tracing() and x.device.type == 'cpu' and x.dim() == 4
+                and x.dtype == torch.float32 and x.shape[1] % BN_ATEN_MULTIPLE != 0
+                and x.numel() > x.shape[1] and x.is_contiguous(memory_format=torch.channels_last)):
+            return None
+        return cpu_kernels.batch_norm_train()  # None inside torch.compile / ONNX export, or without the kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = self._kernel_op(x)
+        if op is None:
+            return super().forward(x)
+        y, mean, invstd = _BatchNormTrain.apply(x, self.weight, self.bias, self.eps)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            m = x.numel() // x.shape[1]
+            var = (invstd.double().pow(-2) - self.eps) * (m / (m - 1))  # unbiased, as nn.BatchNorm2d keeps it
+            self.running_mean.lerp_(mean, f)
+            self.running_var.lerp_(var.to(self.running_var.dtype), f)
+        return y
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Training-mode BatchNorm through the C++ ops: (y, mean, invstd) forward, (gx, gw, gb) backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
+        y, mean, invstd = torch.ops.uniform_vit.batch_norm_train(x, w.detach(), b.detach(), eps)
+        ctx.save_for_backward(x, mean, invstd, w)
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _g_mean, _g_invstd):
+        x, mean, invstd, w = ctx.saved_tensors
+        gx, gw, gb = torch.ops.uniform_vit.batch_norm_train_backward(g, x, mean, invstd, w.detach())
+        return gx, gw, gb, None
+
+
 class ConvNorm(nn.Sequential):
     """Conv2d (no bias) + BatchNorm2d; ``bn_weight_init=0`` makes a residual branch start as identity."""
 
@@ -269,7 +395,7 @@ class ConvNorm(nn.Sequential):
         super().__init__()
         padding = kernel_size // 2 if padding is None else padding
         self.c = make_conv(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out_chs)
+        self.bn = BatchNorm2d(out_chs)
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
 

@@ -2,14 +2,16 @@
 (``reuse_core.cpp``), the stem's first conv + ReLU, read from NCHW and written channels-last (``stem_conv.cpp``),
 depthwise convs on channels-last maps (``depthwise_conv.cpp``), the residual FFN (``residual_ffn.cpp``), 1x1 convs
 (``pointwise_conv.cpp``), the stem's 3x3 stride-2 convs (``conv3x3_s2.cpp``) and patch merging's expansion +
-depthwise conv (``expand_dw.cpp``); the last four share one register-blocked product (``tile_gemm.h``).
+depthwise conv (``expand_dw.cpp``); those four share one register-blocked product (``tile_gemm.h``). Two are for
+training: the weight gradient of depthwise convs on maps smaller than their kernel (``depthwise_grad_weight.cpp``)
+and BatchNorm over channels-last maps whose channel count ATen handles slowly (``batch_norm_train.cpp``).
 
 It is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja: the tools ``torch.compile``
 needs on CPU too; ninja comes with this package), for CPUs where PyTorch itself dispatches to AVX-512 or AVX2, in
 about 15-30 s, and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 Elsewhere, or where the build fails (a warning says why, once), :func:`reuse_core`, :func:`stem_conv`,
-:func:`depthwise_conv`, :func:`residual_ffn`, :func:`pointwise_conv`, :func:`conv3x3_s2` and :func:`expand_dw`
-return None and their callers keep ATen ops.
+:func:`depthwise_conv`, :func:`residual_ffn`, :func:`pointwise_conv`, :func:`conv3x3_s2`, :func:`expand_dw`,
+:func:`depthwise_grad_weight` and :func:`batch_norm_train` return None and their callers keep ATen ops.
 ``UNIFORM_VIT_CPU_KERNELS=0`` turns the kernels off (A/B runs, or to skip the build). Why kernels at all:
 benchmarks/RESULTS.md, section 1, sessions 14, 17 and 18."""
 
@@ -27,7 +29,7 @@ import torch
 
 ENV = 'UNIFORM_VIT_CPU_KERNELS'
 OPS = ('reuse_core', 'stem_conv', 'depthwise_conv', 'residual_ffn', 'pointwise_conv', 'conv3x3_s2',
-       'expand_dw')  # one source file each
+       'expand_dw', 'depthwise_grad_weight', 'batch_norm_train')  # one source file each
 SOURCES = tuple(Path(__file__).with_name('csrc') / f'{op}.cpp' for op in OPS)
 # the vector ISA PyTorch reports -> ATen's build macro and the compiler flags (as inductor builds its CPU code). The
 # kernel's register blocking follows the ISA (24 accumulators in AVX-512's 32 registers, 12 in AVX2's 16): built with
@@ -141,10 +143,15 @@ def _register_flop_formulas() -> None:
         x = w1t_shape[1]
         return 2 * b * h * w * c * x + 2 * b * ((h + 1) // 2) * ((w + 1) // 2) * x * 9
 
+    def dw_grad_flops(x_shape, g_shape, kh: int, kw: int, *args, out_shape=None, **kwargs) -> int:
+        b, c, h, w = x_shape
+        return 2 * b * c * h * w * kh * kw  # every tap of every pixel, as for ATen's convolution backward
+
     ops = torch.ops.uniform_vit
     for op, fn in ((ops.reuse_core, core_flops), (ops.stem_conv, stem_flops), (ops.depthwise_conv, depthwise_flops),
                    (ops.residual_ffn, ffn_flops), (ops.pointwise_conv, pointwise_flops),
-                   (ops.conv3x3_s2, conv3x3_flops), (ops.expand_dw, expand_dw_flops)):
+                   (ops.conv3x3_s2, conv3x3_flops), (ops.expand_dw, expand_dw_flops),
+                   (ops.depthwise_grad_weight, dw_grad_flops)):
         with contextlib.suppress(RuntimeError, ValueError):  # registered already (a re-imported module)
             register_flop_formula(op)(fn)
 
@@ -213,6 +220,21 @@ def expand_dw() -> Callable[..., torch.Tensor] | None:
     (``packed``: in :func:`pack_panels`' order), the depthwise weight as ``wdw`` (3, 3, X), returned in channels-last
     memory; or None (see :func:`_recordable_op`)."""
     return _recordable_op('expand_dw')
+
+
+def depthwise_grad_weight() -> Callable[..., torch.Tensor] | None:
+    """``depthwise_grad_weight(x, g, kh, kw, ph, pw)``: the (C, 1, kh, kw) weight gradient of a stride-1 depthwise
+    conv with 'same' padding (ph, pw) = (kh // 2, kw // 2), from its float32 CPU input ``x`` and output gradient
+    ``g`` (B, C, H, W) (channels-last is read in place); or None (see :func:`_recordable_op`)."""
+    return _recordable_op('depthwise_grad_weight')
+
+
+def batch_norm_train() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """``batch_norm_train(x, w, b, eps) -> (y, mean, invstd)``: training-mode BatchNorm of a float32 CPU map ``x``
+    (B, C, H, W) in channels-last memory with this batch's statistics (biased variance), ``w``, ``b`` (C); its
+    gradient is ``torch.ops.uniform_vit.batch_norm_train_backward(g, x, mean, invstd, w) -> (gx, gw, gb)``; or None
+    (see :func:`_recordable_op`)."""
+    return _recordable_op('batch_norm_train')
 
 
 def pack_panels(wt: torch.Tensor) -> torch.Tensor:
