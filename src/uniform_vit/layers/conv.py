@@ -356,8 +356,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         return cpu_kernels.batch_norm_train()  # None inside torch.compile / ONNX export, or without the kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = self._kernel_op(x)
-        if op is None:
+        if self._kernel_op(x) is None:
             return super().forward(x)
         y, mean, invstd = _BatchNormTrain.apply(x, self.weight, self.bias, self.eps)
         with torch.no_grad():
