@@ -2,9 +2,10 @@
 (``reuse_core.cpp``), the stem's first conv + ReLU, read from NCHW and written channels-last (``stem_conv.cpp``),
 depthwise convs on channels-last maps (``depthwise_conv.cpp``), the residual FFN (``residual_ffn.cpp``), 1x1 convs
 (``pointwise_conv.cpp``), the stem's 3x3 stride-2 convs (``conv3x3_s2.cpp``) and patch merging's expansion +
-depthwise conv (``expand_dw.cpp``); those four share one register-blocked product (``tile_gemm.h``). Two are for
-training: the weight gradient of depthwise convs on maps smaller than their kernel (``depthwise_grad_weight.cpp``)
-and BatchNorm over channels-last maps whose channel count ATen handles slowly (``batch_norm_train.cpp``).
+depthwise conv (``expand_dw.cpp``); the last four of these share one register-blocked product (``tile_gemm.h``).
+Two are for training: the weight gradient of depthwise convs on maps smaller than their kernel
+(``depthwise_grad_weight.cpp``) and BatchNorm over channels-last maps whose channel count ATen handles slowly
+(``batch_norm_train.cpp``).
 
 It is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja: the tools ``torch.compile``
 needs on CPU too; ninja comes with this package), for CPUs where PyTorch itself dispatches to AVX-512 or AVX2, in
@@ -13,7 +14,7 @@ Elsewhere, or where the build fails (a warning says why, once), :func:`reuse_cor
 :func:`depthwise_conv`, :func:`residual_ffn`, :func:`pointwise_conv`, :func:`conv3x3_s2`, :func:`expand_dw`,
 :func:`depthwise_grad_weight` and :func:`batch_norm_train` return None and their callers keep ATen ops.
 ``UNIFORM_VIT_CPU_KERNELS=0`` turns the kernels off (A/B runs, or to skip the build). Why kernels at all:
-benchmarks/RESULTS.md, section 1, sessions 14, 17 and 18."""
+benchmarks/RESULTS.md, section 1, sessions 14, 17 and 18, and section 3, session 19 (training)."""
 
 from __future__ import annotations
 
