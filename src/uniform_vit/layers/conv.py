@@ -188,6 +188,14 @@ def _pointwise_traceable() -> Callable:
         return torch.jit.script(_pointwise_onednn)
 
 
+def _on_token_rows(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` of a channels-last (B, C, H, W) map's (B*H*W, C) token rows (a view of its memory), its (B*H*W, O)
+    result viewed back as a channels-last (B, O, H, W) map. (:func:`_pointwise_onednn` spells it out: TorchScript.)"""
+    B, C, H, W = x.shape
+    y = fn(x.permute(0, 2, 3, 1).reshape(B * H * W, C))
+    return y.view(B, H, W, y.shape[1]).permute(0, 3, 1, 2)
+
+
 POINTWISE_KERNEL = True  # A/B switch (benchmarks/scripts): PointwiseConv2d's C++ op where it is built
 TRAIN_MATMUL = True  # A/B switch: PointwiseConv2d trains as a matrix product on channels-last CPU maps
 
@@ -227,18 +235,14 @@ class PointwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = self._kernel_op(x)
         if op is not None:
-            B, C, H, W = x.shape
             w, packed = self.weight, PACK_WEIGHTS
             wt, = kernel_layout(self, (w,), lambda: (kernel_matrix(w, packed),), tag=packed)
-            y = op(x.permute(0, 2, 3, 1).reshape(B * H * W, C), wt, self.bias, False, packed)
-            return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)
+            return _on_token_rows(x, lambda t: op(t, wt, self.bias, False, packed))
         if self._onednn_ok(x):
             fn = _pointwise_traceable() if torch.jit.is_tracing() else _pointwise_onednn
             return fn(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
         if self._train_matmul(x):
-            B, C, H, W = x.shape
-            y = F.linear(x.permute(0, 2, 3, 1).reshape(B * H * W, C), self.weight.view(self.out_channels, C), self.bias)
-            return y.view(B, H, W, self.out_channels).permute(0, 3, 1, 2)
+            return _on_token_rows(x, lambda t: F.linear(t, self.weight.view(self.out_channels, -1), self.bias))
         return super().forward(x)
 
     def _train_matmul(self, x: torch.Tensor) -> bool:
@@ -267,7 +271,8 @@ def deploy_op_may_run(x: torch.Tensor, *weights: torch.Tensor, channels_last: bo
 
 def channels_innermost(x: torch.Tensor) -> bool:
     """A (B, C, H, W) map whose channels lie next to each other: channels-last memory, or a channel slice of it (the
-    queries cut from one conv's output), which the depthwise op reads in place."""
+    queries cut from one conv's output), which the depthwise ops read in place (their check:
+    ``csrc/channels_innermost.h``)."""
     return (x.dim() == 4 and x.stride(1) == 1 and x.stride(3) >= x.shape[1]
             and x.stride(2) >= x.shape[3] * x.stride(3) and x.stride(0) >= x.shape[2] * x.stride(2))
 
@@ -347,16 +352,15 @@ class BatchNorm2d(nn.BatchNorm2d):
     statistics follow ``nn.BatchNorm2d``'s rule (momentum, or a cumulative average with ``momentum=None``; unbiased
     variance)."""
 
-    def _kernel_op(self, x: torch.Tensor):
-        if not (BN_KERNEL and self.training and self.affine and self.track_running_stats
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        return (BN_KERNEL and self.training and self.affine and self.track_running_stats
                 and not torch.jit.is_tracing() and x.device.type == 'cpu' and x.dim() == 4
                 and x.dtype == torch.float32 and x.shape[1] % BN_ATEN_MULTIPLE != 0
-                and x.numel() > x.shape[1] and x.is_contiguous(memory_format=torch.channels_last)):
-            return None
-        return cpu_kernels.batch_norm_train()  # None inside torch.compile / ONNX export, or without the kernels
+                and x.numel() > x.shape[1] and x.is_contiguous(memory_format=torch.channels_last)
+                and cpu_kernels.batch_norm_train() is not None)  # None inside torch.compile / ONNX, no kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel_op(x) is None:
+        if not self._kernel_ok(x):
             return super().forward(x)
         y, mean, invstd = _BatchNormTrain.apply(x, self.weight, self.bias, self.eps)
         with torch.no_grad():
@@ -509,11 +513,9 @@ class ResidualFFN(Residual):
         op = self._kernel_op(x)
         if op is None:
             return super().forward(x)
-        B, C, H, W = x.shape
         packed = PACK_WEIGHTS
         w1t, w2t = self._weights(packed)
-        y = op(x.permute(0, 2, 3, 1).reshape(B * H * W, C), w1t, self.m.pw1.bias, w2t, self.m.pw2.bias, packed)
-        return y.view(B, H, W, C).permute(0, 3, 1, 2)
+        return _on_token_rows(x, lambda t: op(t, w1t, self.m.pw1.bias, w2t, self.m.pw2.bias, packed))
 
     def fuse(self) -> nn.Module:
         return self  # already the deploy form

@@ -26,6 +26,8 @@
 
 #include <immintrin.h>
 
+#include "channels_innermost.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <optional>
@@ -124,10 +126,7 @@ at::Tensor depthwise_conv(const at::Tensor& x_, const at::Tensor& w, const std::
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == C,
               "depthwise_conv: bias must be float32 (C)");
   const int64_t p = k / 2, OH = (H - 1) / stride + 1, OW = (W - 1) / stride + 1;  // 'same' padding k // 2
-  // channels innermost (channels-last, or a channel slice of it): read in place; else a channels-last copy
-  const bool in_place = x_.stride(1) == 1 && x_.stride(3) >= C && x_.stride(2) >= W * x_.stride(3) &&
-                        x_.stride(0) >= H * x_.stride(2);
-  const at::Tensor x = in_place ? x_ : x_.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = channels_innermost_map(x_);  // channels-last or a channel slice of it: read in place
   const int64_t sx = x.stride(3), sy = x.stride(2), sb = x.stride(0);
   const at::Tensor wt = w.reshape({C, k * k}).t().contiguous();  // (k*k, C): one row of C per tap
   at::Tensor out = at::empty({B, C, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));

@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "channels_innermost.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -58,11 +60,6 @@ void channel_block(const float* x, const float* g, int64_t c0, int64_t n, int64_
     }
 }
 
-bool channels_innermost(const at::Tensor& t) {
-  const int64_t C = t.size(1), H = t.size(2), W = t.size(3);
-  return t.stride(1) == 1 && t.stride(3) >= C && t.stride(2) >= W * t.stride(3) && t.stride(0) >= H * t.stride(2);
-}
-
 at::Tensor depthwise_grad_weight(const at::Tensor& x_, const at::Tensor& g_, int64_t kh, int64_t kw, int64_t ph,
                                  int64_t pw) {
   TORCH_CHECK(x_.dim() == 4 && g_.dim() == 4, "depthwise_grad_weight: expected x and g (B, C, H, W)");
@@ -74,8 +71,7 @@ at::Tensor depthwise_grad_weight(const at::Tensor& x_, const at::Tensor& g_, int
               "depthwise_grad_weight: kernel ", kh, "x", kw, " with padding ", ph, ", ", pw,
               " does not keep the map's size");
   const int64_t B = x_.size(0), C = x_.size(1), H = x_.size(2), W = x_.size(3);
-  const at::Tensor x = channels_innermost(x_) ? x_ : x_.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor g = channels_innermost(g_) ? g_ : g_.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = channels_innermost_map(x_), g = channels_innermost_map(g_);
   at::Tensor out = at::zeros({C, 1, kh, kw}, x_.options());
   if (x.numel() == 0) return out;
   int64_t xs[3] = {x.stride(0), x.stride(2), x.stride(3)}, gs[3] = {g.stride(0), g.stride(2), g.stride(3)};
