@@ -31,6 +31,12 @@ _HELP = {
     'config': 'YAML file of options; flags typed on the command line win',
     'threads': 'torch CPU threads',
     'workers': 'data-loader processes (default: 0 on machines with <= 4 cores)',
+    'min_img_size': 'progressive resizing: train the first epochs at this size, growing linearly in steps of 16 px '
+                    'to --img-size by --resize-ramp-end of the run (validation always at --img-size)',
+    'resize_ramp_end': 'fraction of the epochs after which progressive resizing reaches --img-size (default 0.75)',
+    'batch_aug': "augment a whole batch at once as tensor products (in-memory sets: Fashion-MNIST, CIFAR, synthetic; "
+                 "same crops, shifts, flips and erasing as per-image Pillow, ~8x cheaper): auto (default: when the "
+                 "transform has a batched form, e.g. not with RandAugment), on (error if not), off",
     'train_samples': 'train on the first N images only (quick trials)',
     'val_samples': 'validate on the first N images only',
     'strict': 'stop at the first unreadable image instead of skipping it with a warning',

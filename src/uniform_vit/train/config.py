@@ -30,6 +30,8 @@ class TrainConfig:
     num_classes: int | None = None  # None: from the dataset
     in_chans: int | None = None  # None: 1 for Fashion-MNIST, else 3 (or the fine-tune checkpoint's)
     img_size: int = 224
+    min_img_size: int | None = None  # progressive resizing: first epochs at this size, growing to img_size
+    resize_ramp_end: float = 0.75  # ... by this fraction of the epochs (in steps of 16 px, whole stem tokens)
     train_samples: int | None = None  # use only the first N training images (quick trials, tests)
     val_samples: int | None = None
     strict: bool = False  # unreadable image -> error instead of warning
@@ -77,6 +79,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward/backward (one-time compile cost, faster steps)
     threads: int | None = None  # torch intra-op threads (CPU)
     workers: int | None = None  # data-loader processes; None: 0 on small machines, else up to 8
+    batch_aug: str = 'auto'  # augment in-memory datasets a batch at a time: auto (when the transform allows) | on | off
     val_every: int = 1
     progress: bool = True
     config: str | None = None  # the YAML file the values came from (informational)
@@ -160,6 +163,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.amp in ('auto', 'bf16', 'fp16', 'none'), f"amp must be auto, bf16, fp16 or none, got {cfg.amp!r}"),
         (0 <= cfg.smoothing < 1, f"smoothing must be in [0, 1), got {cfg.smoothing}"),
         (0 <= cfg.translate < 0.5, f"translate must be in [0, 0.5) (a share of the image size), got {cfg.translate}"),
+        (cfg.min_img_size is None or 32 <= cfg.min_img_size <= cfg.img_size,
+         f"min_img_size must be in [32, img_size {cfg.img_size}], got {cfg.min_img_size}"),
+        (0 < cfg.resize_ramp_end <= 1, f"resize_ramp_end must be in (0, 1], got {cfg.resize_ramp_end}"),
+        (cfg.batch_aug in ('auto', 'on', 'off'), f"batch_aug must be auto, on or off, got {cfg.batch_aug!r}"),
         (cfg.val_every >= 1, f"val_every must be at least 1, got {cfg.val_every}"),
         # a resumed run takes its data from the saved config (checked again after the merge)
         (cfg.dataset is not None or cfg.data_dir is not None or bool(cfg.resume), "give --dataset or --data-dir"),

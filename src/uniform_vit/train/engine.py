@@ -16,6 +16,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..data.batch_aug import BatchedSource
 from ..errors import UserError
 from ..utils.tta import log_probs
 from .config import TrainConfig, config_dict, config_from_dict, validate
@@ -117,12 +119,50 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 # ---- data ---------------------------------------------------------------------------------------------------------
 
+def batched_source(cfg: TrainConfig, ds: torch.utils.data.Dataset, device: torch.device) -> BatchedSource | str:
+    """The training set prepared for batched augmentation (``--batch-aug``), or why it stays per image."""
+    if cfg.batch_aug == 'off':
+        return 'off (--batch-aug off)'
+    src = BatchedSource.from_dataset(ds, device)
+    if isinstance(src, str) and cfg.batch_aug == 'on':
+        raise UserError(f"--batch-aug on, but this training set has no batched augmentation: {src}")
+    return src
+
+
+def _train_aug(cfg: TrainConfig) -> dict:
+    return dict(scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, auto_augment=cfg.aa, re_prob=cfg.reprob,
+                color_jitter=cfg.color_jitter, translate=cfg.translate)
+
+
+def epoch_img_size(cfg: TrainConfig, epoch: int) -> int:
+    """The training resolution of ``epoch`` (0-based). Progressive resizing (``min_img_size``): linear from
+    ``min_img_size`` at the first epoch to ``img_size`` at ``resize_ramp_end`` of the run, rounded down to whole
+    16-px stem tokens (never below the minimum); ``img_size`` from then on. Without it, always ``img_size``."""
+    lo, hi = cfg.min_img_size, cfg.img_size
+    if not lo or lo >= hi:
+        return hi
+    end = max(1.0, cfg.resize_ramp_end * cfg.epochs - 1)  # the first epoch at full size
+    size = lo + (hi - lo) * min(1.0, epoch / end)
+    return hi if size >= hi else max(lo, int(size) // 16 * 16)
+
+
+def set_train_size(ds: torch.utils.data.Dataset, cfg: TrainConfig, in_chans: int, size: int,
+                   batched: BatchedSource | None) -> None:
+    """Point the training set's transform (and its batched form) at another output size."""
+    from ..data import build_transform
+
+    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    base.transform = build_transform(size, in_chans, True, tuple(ds.mean), tuple(ds.std), _train_aug(cfg),
+                                     cfg.interpolation)
+    if batched is not None:
+        batched.set_transform(base.transform)
+
+
 def build_datasets(cfg: TrainConfig, in_chans: int) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     from ..data import create_dataset
 
     name = cfg.dataset or 'folder'
-    aug = dict(scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, auto_augment=cfg.aa, re_prob=cfg.reprob,
-               color_jitter=cfg.color_jitter, translate=cfg.translate)
+    aug = _train_aug(cfg)
     common = dict(data_dir=cfg.data_dir, img_size=cfg.img_size, in_chans=in_chans, interpolation=cfg.interpolation,
                   strict=cfg.strict, seed=cfg.seed, num_classes=cfg.num_classes or 10)
     train_ds = create_dataset(name, 'train', train=True, aug=aug, num_samples=cfg.train_samples, **common)
@@ -157,9 +197,13 @@ class GlobalBatchSampler(torch.utils.data.Sampler[int]):
 
 
 def train_loader(ds: torch.utils.data.Dataset, cfg: TrainConfig, info: DistInfo, epoch: int,
-                 workers: int) -> torch.utils.data.DataLoader:
+                 workers: int, batched: BatchedSource | None = None) -> Iterable:
+    """The epoch's training batches: a ``DataLoader`` over the per-image transform, or, given ``batched``, the
+    same sampler's batches augmented a batch at a time (Python's ``random``, seeded per epoch by the caller)."""
     drop_last = len(ds) >= cfg.batch_size * info.world_size
     sampler = GlobalBatchSampler(len(ds), cfg.batch_size, info.world_size, info.rank, cfg.seed, epoch, drop_last)
+    if batched is not None:
+        return batched.loader(sampler, cfg.batch_size)
     g = torch.Generator()
     g.manual_seed(epoch_seed(cfg, epoch, info.rank))  # seeds the loader processes' RNGs
     return torch.utils.data.DataLoader(ds, cfg.batch_size, sampler=sampler, num_workers=workers, generator=g,
@@ -226,7 +270,8 @@ def _bar(total: int, desc: str, enabled: bool):
 
 # ---- reporting ----------------------------------------------------------------------------------------------------
 
-CSV_FIELDS = ['epoch', 'lr', 'train_loss', 'val_loss', 'top1', 'top5', 'top1_ema', 'img_per_s', 'epoch_seconds']
+CSV_FIELDS = ['epoch', 'lr', 'train_loss', 'val_loss', 'top1', 'top5', 'top1_ema', 'img_per_s', 'epoch_seconds',
+              'img_size']
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
@@ -383,6 +428,10 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps,
                                     betas=cfg.betas)  # no decay on 1-d params (norms, biases), no_weight_decay()
     workers = default_workers(cfg, info.world_size)
+    batched = batched_source(cfg, train_ds, device)
+    aug_note = 'batched' if isinstance(batched, BatchedSource) else f'per image: {batched}'
+    if isinstance(batched, str):
+        batched = None
     steps_per_epoch = len(train_loader(train_ds, cfg, info, 0, 0))
     if steps_per_epoch == 0:
         raise UserError(f"the training set ({len(train_ds)} images) is smaller than one batch per process")
@@ -439,11 +488,15 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                 mean=list(train_ds.mean), std=list(train_ds.std),
                 interpolation=cfg.interpolation, crop_pct=1.0, dataset=cfg.dataset or 'folder', fused=False)
     if info.main:
-        _banner(cfg, info, params, len(train_ds), len(val_ds), total_batch, lr, in_chans, dtype, workers)
+        _banner(cfg, info, params, len(train_ds), len(val_ds), total_batch, lr, in_chans, dtype, workers, aug_note)
 
+    size = cfg.img_size
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(epoch_seed(cfg, epoch, info.rank))
-        loader = train_loader(train_ds, cfg, info, epoch, workers)
+        if epoch_img_size(cfg, epoch) != size:
+            size = epoch_img_size(cfg, epoch)
+            set_train_size(train_ds, cfg, in_chans, size, batched)
+        loader = train_loader(train_ds, cfg, info, epoch, workers, batched)
         t0 = time.perf_counter()
         ddp.train()
         loss_sum, seen, bad = torch.zeros((), dtype=torch.float64), 0, torch.zeros(())
@@ -500,7 +553,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         totals = all_reduce_sum(torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64), info)
         row: dict[str, Any] = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]['lr'],
                                    train_loss=float(totals[0] / max(totals[1], 1)),
-                                   img_per_s=float(totals[1]) / epoch_time, epoch_seconds=epoch_time)
+                                   img_per_s=float(totals[1]) / epoch_time, epoch_seconds=epoch_time, img_size=size)
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             vl = eval_loader(val_ds, cfg.batch_size, info, workers)
             res = evaluate(model, vl, num_classes, device, dtype, info, cl, cfg.progress, 'val')
@@ -579,12 +632,13 @@ def _typed_keys(cfg: TrainConfig) -> set[str]:
 
 
 def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: int, total_batch: int, lr: float,
-            in_chans: int, dtype: torch.dtype | None, workers: int) -> None:
+            in_chans: int, dtype: torch.dtype | None, workers: int, aug_note: str) -> None:
     from ..utils.malloc import allocator_label
 
     dev = torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else f'CPU x{torch.get_num_threads()}'
     print(f"uniform-vit train | torch {torch.__version__} | {dev} | processes {info.world_size} | "
-          f"amp {str(dtype).replace('torch.', '') if dtype else 'off'} | loader workers {workers}"
+          f"amp {str(dtype).replace('torch.', '') if dtype else 'off'} | loader workers {workers} | "
+          f"augmentation {aug_note}"
           f"{' | torch.compile' if cfg.compile else ''} | malloc {allocator_label()}", flush=True)
     kind = f"{cfg.attn_type}, " if cfg.model.startswith('uniform_') else ''  # attn_type only applies to UniForm
     print(f"{cfg.model} ({kind}{params / 1e6:.2f} M params, in_chans {in_chans}) | "
