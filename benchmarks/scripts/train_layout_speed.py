@@ -14,33 +14,24 @@ first, as ``uniform-vit train`` does (uniform_vit.utils.malloc; ``UNIFORM_VIT_MA
 
 from __future__ import annotations
 
-import argparse
 import copy
-import warnings
 
 import timm
 import torch
+from _step_args import set_up, step_parser  # this folder's shared flags and set-up
 
 import uniform_vit  # noqa: F401
 from uniform_vit.bench.harness import interleaved_timing, median, spread
-from uniform_vit.utils.malloc import allocator_label, tune_allocator
+from uniform_vit.utils.malloc import allocator_label
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = step_parser(__doc__, img_size=96)
     p.add_argument('--models', default='uniform_t,uniform_s,efficientvit_m0')
-    p.add_argument('--img-size', type=int, default=96)
-    p.add_argument('--batch-size', type=int, default=128)
-    p.add_argument('--in-chans', type=int, default=1)
-    p.add_argument('--num-classes', type=int, default=10)
-    p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--rounds', type=int, default=7)
     p.add_argument('--compile', action='store_true', help='also time channels-last + torch.compile')
     p.add_argument('--bf16', action='store_true', help='also time channels-last + bf16 autocast')
     args = p.parse_args()
-    tune_allocator()
-    warnings.filterwarnings('ignore')
-    torch.set_num_threads(args.threads)
+    set_up(args)
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, args.in_chans, args.img_size, args.img_size)
     y = torch.randint(0, args.num_classes, (args.batch_size,))

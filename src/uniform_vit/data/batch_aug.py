@@ -78,6 +78,9 @@ def resize_weights(in_size: int, out_size: int, interpolation: str = 'bicubic') 
     return w
 
 
+_PARAMS = ('i', 'j', 'h', 'w', 'filter', 'dy', 'dx', 'flip')  # one batch's draws, an int64 tensor of B each
+
+
 def _pil_round(x: torch.Tensor) -> torch.Tensor:
     return torch.floor_(x.add_(0.5)).clamp_(0.0, 255.0)  # Pillow rounds half up, then clips to 8 bits
 
@@ -179,14 +182,14 @@ class BatchAugment:
             flip = self.hflip > 0 and random.random() < self.hflip
             draws.append((i, j, h, w, f, dy, dx, flip))
         t = torch.tensor(draws, dtype=torch.int64)
-        return dict(zip(('i', 'j', 'h', 'w', 'filter', 'dy', 'dx', 'flip'), t.unbind(1)))
+        return dict(zip(_PARAMS, t.unbind(1)))
 
     def __call__(self, images: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
         b, c, h, w = images.shape
         p = params or self.params(b, h, w)
-        p = {k: v.to(images.device) for k, v in p.items()}
+        p = dict(zip(_PARAMS, torch.stack([p[k] for k in _PARAMS]).to(images.device).unbind()))  # one copy to a GPU
         table = self._table(max(h, w), images.device)
         wy = self._weights(table, p['filter'], p['i'], p['h'], p['dy'])[..., :h]
         wx = self._weights(table, p['filter'], p['j'], p['w'], p['dx'], p['flip'])[..., :w]
