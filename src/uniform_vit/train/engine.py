@@ -493,8 +493,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     size = cfg.img_size
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(epoch_seed(cfg, epoch, info.rank))
-        if epoch_img_size(cfg, epoch) != size:
-            size = epoch_img_size(cfg, epoch)
+        if (new_size := epoch_img_size(cfg, epoch)) != size:
+            size = new_size
             set_train_size(train_ds, cfg, in_chans, size, batched)
         loader = train_loader(train_ds, cfg, info, epoch, workers, batched)
         t0 = time.perf_counter()
