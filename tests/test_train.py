@@ -157,6 +157,20 @@ def test_yaml_config_and_typed_flags_win(tmp_path, capsys):
     assert make_config(dataset='synthetic', translate=0.1).translate == 0.1
 
 
+def test_shipped_configs_load(tmp_path):
+    """Every file in configs/ loads, and its values are what the run gets (a misspelt key fails here, not for users)."""
+    from uniform_vit.train.config import _coerce, load_yaml
+
+    files = sorted((Path(__file__).parents[1] / 'configs').glob('*.yaml'))
+    assert {f.name for f in files} >= {'fashion_mnist.yaml', 'paper.yaml'}
+    for f in files:
+        values = load_yaml(f)
+        # paper.yaml is run with --data-dir (its header says so)
+        cfg = make_config(f, **({} if {'dataset', 'data_dir'} & set(values) else {'data_dir': str(tmp_path)}))
+        for key, value in values.items():
+            assert getattr(cfg, key) == _coerce(key, value), (f.name, key)
+
+
 def test_finetune_with_other_class_count_reinitialises_head(tmp_path):
     train(make_config(**TINY, recipe='small', epochs=1, output=str(tmp_path / 'src')))
     src = weights(tmp_path / 'src' / 'model_best.safetensors')

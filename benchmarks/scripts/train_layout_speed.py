@@ -8,8 +8,10 @@ weights and run in one process, interleaved round by round (uniform_vit.bench.ha
 batch per call. The ratio columns are medians of per-round ratios. ``--compile`` adds a candidate: channels-last
 under ``torch.compile`` (what ``uniform-vit train --compile`` runs; compiled before timing). ``--bf16`` adds
 channels-last under CPU bf16 autocast (why ``uniform-vit train`` uses no AMP on CPUs); both flags together add a
-fourth, compiled under bf16 autocast (``train --compile --amp bf16``). glibc's malloc is tuned
-first, as ``uniform-vit train`` does (uniform_vit.utils.malloc; ``UNIFORM_VIT_MALLOC=default`` to compare without).
+fourth, compiled under bf16 autocast (``train --compile --amp bf16``). ``--drop-path P`` adds channels-last with
+stochastic depth at rate P (``train --drop-path P``; same weights), with its ratio to plain channels-last. glibc's
+malloc is tuned first, as ``uniform-vit train`` does (uniform_vit.utils.malloc; ``UNIFORM_VIT_MALLOC=default`` to
+compare without).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     p.add_argument('--models', default='uniform_t,uniform_s,efficientvit_m0')
     p.add_argument('--compile', action='store_true', help='also time channels-last + torch.compile')
     p.add_argument('--bf16', action='store_true', help='also time channels-last + bf16 autocast')
+    p.add_argument('--drop-path', type=float, default=0.0, help='also time channels-last with this drop-path rate')
     args = p.parse_args()
     set_up(args)
     torch.manual_seed(0)
@@ -39,14 +42,20 @@ def main() -> None:
           f'torch {torch.__version__}, malloc {allocator_label()}, {args.rounds} interleaved rounds, '
           'one AdamW step per call')
     extras = ['compiled'] * args.compile + ['bf16'] * args.bf16 + ['compiled-bf16'] * (args.compile and args.bf16)
+    extras += ['drop-path'] * (args.drop_path > 0)
     print('| model | NCHW img/s | channels-last img/s | channels-last / NCHW (spread) |'
-          + ''.join(f' {k} img/s | {k} / NCHW |' for k in extras))
-    print('|---|---|---|---|' + '---|---|' * len(extras))
+          + ''.join(f' {k} img/s | {k} / NCHW |' for k in extras)
+          + (f' drop-path {args.drop_path} / channels-last (spread) |' if args.drop_path > 0 else ''))
+    print('|---|---|---|---|' + '---|---|' * len(extras) + '---|' * (args.drop_path > 0))
     for name in args.models.split(','):
         base = timm.create_model(name, num_classes=args.num_classes, in_chans=args.in_chans)
         fns = {}
         for layout in ('nchw', 'channels_last', *extras):
             model = copy.deepcopy(base).train()
+            if layout == 'drop-path':  # the same weights in a model built with stochastic depth
+                model = timm.create_model(name, num_classes=args.num_classes, in_chans=args.in_chans,
+                                          drop_path_rate=args.drop_path).train()
+                model.load_state_dict(base.state_dict())
             xb = x
             if layout != 'nchw':
                 model = model.to(memory_format=torch.channels_last)
@@ -74,6 +83,9 @@ def main() -> None:
         for k in extras:
             rk = [a / b for a, b in zip(t['nchw'], t[k])]
             line += f" {args.batch_size / median(t[k]):.0f} | {median(rk):.2f}x |"
+        if args.drop_path > 0:
+            rd = [a / b for a, b in zip(t['channels_last'], t['drop-path'])]
+            line += f' {median(rd):.2f}x ({spread(rd) * 100:.0f}%) |'
         print(line)
 
 
