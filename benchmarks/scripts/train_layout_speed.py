@@ -51,11 +51,13 @@ def main() -> None:
         base = timm.create_model(name, num_classes=args.num_classes, in_chans=args.in_chans)
         fns = {}
         for layout in ('nchw', 'channels_last', *extras):
-            model = copy.deepcopy(base).train()
             if layout == 'drop-path':  # the same weights in a model built with stochastic depth
                 model = timm.create_model(name, num_classes=args.num_classes, in_chans=args.in_chans,
-                                          drop_path_rate=args.drop_path).train()
+                                          drop_path_rate=args.drop_path)
                 model.load_state_dict(base.state_dict())
+            else:
+                model = copy.deepcopy(base)
+            model.train()
             xb = x
             if layout != 'nchw':
                 model = model.to(memory_format=torch.channels_last)
