@@ -155,6 +155,10 @@ def test_yaml_config_and_typed_flags_win(tmp_path, capsys):
     assert main(['train', '--dataset', 'synthetic', '--translate', '0.6', '--output', str(tmp_path / 'x')]) == 2
     assert 'translate must be in [0, 0.5)' in capsys.readouterr().err
     assert make_config(dataset='synthetic', translate=0.1).translate == 0.1
+    for bad in (-0.1, 1.0):
+        with pytest.raises(UserError, match=r'drop_path must be in \[0, 1\)'):
+            make_config(dataset='synthetic', drop_path=bad)
+    assert make_config(dataset='synthetic', drop_path=0.1).drop_path == 0.1
 
 
 def test_shipped_configs_load(tmp_path):

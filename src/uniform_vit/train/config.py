@@ -162,6 +162,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.lr is None or cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
         (cfg.amp in ('auto', 'bf16', 'fp16', 'none'), f"amp must be auto, bf16, fp16 or none, got {cfg.amp!r}"),
         (0 <= cfg.smoothing < 1, f"smoothing must be in [0, 1), got {cfg.smoothing}"),
+        (0 <= cfg.drop_path < 1, f"drop_path must be in [0, 1) (the last block's rate), got {cfg.drop_path}"),
         (0 <= cfg.translate < 0.5, f"translate must be in [0, 0.5) (a share of the image size), got {cfg.translate}"),
         (cfg.min_img_size is None or 32 <= cfg.min_img_size <= cfg.img_size,
          f"min_img_size must be in [32, img_size {cfg.img_size}], got {cfg.min_img_size}"),
