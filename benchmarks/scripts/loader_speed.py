@@ -25,7 +25,7 @@ from uniform_vit.bench.harness import interleaved_timing, median, spread
 from uniform_vit.data import create_dataset
 from uniform_vit.data.batch_aug import BatchedSource
 from uniform_vit.train.config import make_config
-from uniform_vit.train.engine import GlobalBatchSampler, _train_aug
+from uniform_vit.train.engine import GlobalBatchSampler, train_aug
 from uniform_vit.utils.malloc import allocator_label
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     args = p.parse_args()
     set_up(args)
     cfg = make_config(dataset='fashion-mnist', recipe='small', img_size=args.img_size, output='unused')
-    ds = create_dataset('fashion-mnist', 'train', img_size=args.img_size, in_chans=1, train=True, aug=_train_aug(cfg))
+    ds = create_dataset('fashion-mnist', 'train', img_size=args.img_size, in_chans=1, train=True, aug=train_aug(cfg))
     src = BatchedSource.from_dataset(ds)
     if isinstance(src, str):
         raise SystemExit(f"no batched form: {src}")

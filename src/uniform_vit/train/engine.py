@@ -129,7 +129,8 @@ def batched_source(cfg: TrainConfig, ds: torch.utils.data.Dataset, device: torch
     return src
 
 
-def _train_aug(cfg: TrainConfig) -> dict:
+def train_aug(cfg: TrainConfig) -> dict:
+    """The training transform's augmentation settings (``aug`` of ``data.create_dataset``) from ``cfg``."""
     return dict(scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, auto_augment=cfg.aa, re_prob=cfg.reprob,
                 color_jitter=cfg.color_jitter, translate=cfg.translate)
 
@@ -152,7 +153,7 @@ def set_train_size(ds: torch.utils.data.Dataset, cfg: TrainConfig, in_chans: int
     from ..data import build_transform
 
     base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-    base.transform = build_transform(size, in_chans, True, tuple(ds.mean), tuple(ds.std), _train_aug(cfg),
+    base.transform = build_transform(size, in_chans, True, tuple(ds.mean), tuple(ds.std), train_aug(cfg),
                                      cfg.interpolation)
     if batched is not None:
         batched.set_transform(base.transform)
@@ -162,7 +163,7 @@ def build_datasets(cfg: TrainConfig, in_chans: int) -> tuple[torch.utils.data.Da
     from ..data import create_dataset
 
     name = cfg.dataset or 'folder'
-    aug = _train_aug(cfg)
+    aug = train_aug(cfg)
     common = dict(data_dir=cfg.data_dir, img_size=cfg.img_size, in_chans=in_chans, interpolation=cfg.interpolation,
                   strict=cfg.strict, seed=cfg.seed, num_classes=cfg.num_classes or 10)
     train_ds = create_dataset(name, 'train', train=True, aug=aug, num_samples=cfg.train_samples, **common)
