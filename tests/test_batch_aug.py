@@ -211,3 +211,49 @@ class _Sized:
 
     def __len__(self):
         return self.n
+
+
+def test_plain_epochs_schedule_and_view():
+    from uniform_vit.data import create_dataset
+    from uniform_vit.train.engine import plain_epoch, train_aug
+
+    cfg = make_config(dataset='synthetic', img_size=48, epochs=5, no_aug_epochs=2, hflip=0.0, reprob=1.0,
+                      translate=0.2, output='u')
+    assert [plain_epoch(cfg, e) for e in range(5)] == [False, False, False, True, True]
+    assert not any(plain_epoch(make_config(dataset='synthetic', epochs=5, output='u'), e) for e in range(5))
+    for bad in (-1, 6):
+        with pytest.raises(UserError, match='no_aug_epochs'):
+            make_config(dataset='synthetic', epochs=5, no_aug_epochs=bad, output='u')
+    # the plain view is the evaluation view, per image and batched (to one grey level); the usual one is not
+    kw = dict(img_size=48, in_chans=3, num_samples=8)
+    view = torch.stack([x for x, _ in create_dataset('synthetic', 'train', train=False, **kw)])
+    plain = create_dataset('synthetic', 'train', train=True, aug=train_aug(cfg, plain=True), **kw)
+    assert torch.allclose(torch.stack([x for x, _ in plain]), view, atol=1e-6)
+    src = BatchedSource.from_dataset(plain)
+    x, _ = next(iter(src.loader(GlobalBatchSampler(8, 8, 1, 0, 0, 0, False), 8)))
+    assert _off_view(x, view).max() <= 1.01 / 255 / min(plain.std)  # the batch comes in the sampler's order
+    usual = create_dataset('synthetic', 'train', train=True, aug=train_aug(cfg), **kw)
+    assert _off_view(torch.stack([x for x, _ in usual]), view).min() > 0.5  # erased, shifted
+
+
+def _off_view(batch: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """Each image's largest pixel difference to the nearest image of ``view``."""
+    return (batch[:, None] - view[None]).abs().amax(dim=(2, 3, 4)).min(dim=1).values
+
+
+def test_plain_epochs_train_on_the_evaluation_view_without_mixing(tmp_path):
+    import timm
+
+    from uniform_vit.data import create_dataset
+
+    kw = dict(dataset='synthetic', img_size=32, batch_size=16, train_samples=32, val_samples=16, threads=1,
+              progress=False, workers=0, recipe='small', hflip=0.0, reprob=1.0, mixup=0.8, cutmix=1.0, epochs=2,
+              no_aug_epochs=1)
+    model = timm.create_model('uniform_t', num_classes=10, img_size=32)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
+    s = train(make_config(**kw, output=str(tmp_path / 'run')), model=model)
+    assert s['epochs'] == 2 and len(seen) == 4  # two steps an epoch; the soft-target loss gave way to the hard one
+    view = torch.stack([x for x, _ in create_dataset('synthetic', 'train', img_size=32, in_chans=3, num_samples=32)])
+    assert all(_off_view(b, view).min() > 0.5 for b in seen[:2])  # erased and mixed
+    assert all(_off_view(b, view).max() <= 1.01 / 255 / 0.25 for b in seen[2:])  # last epoch: the images as they are

@@ -45,6 +45,8 @@ _HELP = {
     'compile': 'torch.compile the training step (about a minute to compile; then ~1.15x faster on a 2-core CPU)',
     'channels_last': 'model and batches in channels-last memory format (default on: faster on GPUs and CPUs)',
     'translate': 'random shift of up to this fraction of the image size (zero fill), after the crop; e.g. 0.1',
+    'no_aug_epochs': 'train the last N epochs on the evaluation view: the whole image, flips only (no crops, '
+                     'shifts, erasing, RandAugment, jitter, Mixup or CutMix), as YOLOX does (default 0)',
     'aa': "timm RandAugment string, e.g. rand-m9-mstd0.5; 'none' to disable",
 }
 

@@ -66,6 +66,7 @@ class TrainConfig:
     color_jitter: float = 0.4
     interpolation: str = 'bicubic'
     drop_path: float = 0.0
+    no_aug_epochs: int = 0  # the last N epochs on the evaluation view: whole image, flips only, no mixing (YOLOX)
     model_ema: bool = False
     model_ema_decay: float = 0.9998
     # machinery
@@ -163,6 +164,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.amp in ('auto', 'bf16', 'fp16', 'none'), f"amp must be auto, bf16, fp16 or none, got {cfg.amp!r}"),
         (0 <= cfg.smoothing < 1, f"smoothing must be in [0, 1), got {cfg.smoothing}"),
         (0 <= cfg.drop_path < 1, f"drop_path must be in [0, 1) (the last block's rate), got {cfg.drop_path}"),
+        (0 <= cfg.no_aug_epochs <= cfg.epochs,
+         f"no_aug_epochs must be in [0, epochs {cfg.epochs}], got {cfg.no_aug_epochs}"),
         (0 <= cfg.translate < 0.5, f"translate must be in [0, 0.5) (a share of the image size), got {cfg.translate}"),
         (cfg.min_img_size is None or 32 <= cfg.min_img_size <= cfg.img_size,
          f"min_img_size must be in [32, img_size {cfg.img_size}], got {cfg.min_img_size}"),

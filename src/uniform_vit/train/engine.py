@@ -129,10 +129,19 @@ def batched_source(cfg: TrainConfig, ds: torch.utils.data.Dataset, device: torch
     return src
 
 
-def train_aug(cfg: TrainConfig) -> dict:
-    """The training transform's augmentation settings (``aug`` of ``data.create_dataset``) from ``cfg``."""
+def train_aug(cfg: TrainConfig, plain: bool = False) -> dict:
+    """The training transform's augmentation settings (``aug`` of ``data.create_dataset``) from ``cfg``. ``plain``:
+    those of the last ``no_aug_epochs``, the evaluation view (the whole image resized) with only the flips kept."""
+    if plain:
+        return dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=cfg.hflip, auto_augment=None, re_prob=0.0,
+                    color_jitter=0.0, translate=0.0)
     return dict(scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, auto_augment=cfg.aa, re_prob=cfg.reprob,
                 color_jitter=cfg.color_jitter, translate=cfg.translate)
+
+
+def plain_epoch(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether ``epoch`` (0-based) is one of the last ``no_aug_epochs``: no crops, erasing or mixing."""
+    return epoch >= cfg.epochs - cfg.no_aug_epochs
 
 
 def epoch_img_size(cfg: TrainConfig, epoch: int) -> int:
@@ -147,13 +156,14 @@ def epoch_img_size(cfg: TrainConfig, epoch: int) -> int:
     return hi if size >= hi else max(lo, int(size) // 16 * 16)
 
 
-def set_train_size(ds: torch.utils.data.Dataset, cfg: TrainConfig, in_chans: int, size: int,
-                   batched: BatchedSource | None) -> None:
-    """Point the training set's transform (and its batched form) at another output size."""
+def set_train_transform(ds: torch.utils.data.Dataset, cfg: TrainConfig, in_chans: int, size: int,
+                        batched: BatchedSource | None, plain: bool = False) -> None:
+    """Point the training set's transform (and its batched form) at another output size, or at the plain view of
+    the last ``no_aug_epochs``."""
     from ..data import build_transform
 
     base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-    base.transform = build_transform(size, in_chans, True, tuple(ds.mean), tuple(ds.std), train_aug(cfg),
+    base.transform = build_transform(size, in_chans, True, tuple(ds.mean), tuple(ds.std), train_aug(cfg, plain),
                                      cfg.interpolation)
     if batched is not None:
         batched.set_transform(base.transform)
@@ -442,16 +452,15 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         warmup_lr=min(cfg.warmup_lr, lr), min_lr=min(cfg.min_lr, lr),  # a peak below them must not ramp upwards
         step_on_epochs=False, updates_per_epoch=updates_per_epoch)
     mixup = None
+    # hard labels (with smoothing); Mixup/CutMix batches carry soft targets instead, except in the plain epochs
+    hard: nn.Module = LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else nn.CrossEntropyLoss()
+    criterion = hard
     if cfg.mixup > 0 or cfg.cutmix > 0:
         if cfg.batch_size % 2:
             raise UserError(f"Mixup/CutMix need an even batch size, got {cfg.batch_size}")
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                       switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing, num_classes=num_classes)
-        criterion: nn.Module = SoftTargetCrossEntropy()
-    elif cfg.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+        criterion = SoftTargetCrossEntropy()
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
@@ -491,12 +500,13 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     if info.main:
         _banner(cfg, info, params, len(train_ds), len(val_ds), total_batch, lr, in_chans, dtype, workers, aug_note)
 
-    size = cfg.img_size
+    size, plain = cfg.img_size, False
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(epoch_seed(cfg, epoch, info.rank))
-        if (new_size := epoch_img_size(cfg, epoch)) != size:
-            size = new_size
-            set_train_size(train_ds, cfg, in_chans, size, batched)
+        if (new_size := epoch_img_size(cfg, epoch)) != size or plain_epoch(cfg, epoch) != plain:
+            size, plain = new_size, plain_epoch(cfg, epoch)
+            set_train_transform(train_ds, cfg, in_chans, size, batched, plain)
+        mix, loss_fn = (None, hard) if plain else (mixup, criterion)
         loader = train_loader(train_ds, cfg, info, epoch, workers, batched)
         t0 = time.perf_counter()
         ddp.train()
@@ -508,13 +518,13 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if mixup is not None:
-                x, y = mixup(x, y)
+            if mix is not None:
+                x, y = mix(x, y)
             last_micro = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
             sync = nullcontext() if last_micro or not info.enabled else ddp.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                    loss = criterion(fwd(x), y)
+                    loss = loss_fn(fwd(x), y)
                 bad = (~torch.isfinite(loss.detach())).float().cpu()
                 if info.enabled:
                     all_reduce_sum(bad, info)
@@ -644,7 +654,8 @@ def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: 
     kind = f"{cfg.attn_type}, " if cfg.model.startswith('uniform_') else ''  # attn_type only applies to UniForm
     print(f"{cfg.model} ({kind}{params / 1e6:.2f} M params, in_chans {in_chans}) | "
           f"{cfg.dataset or cfg.data_dir}: {n_train} train / {n_val} val at {cfg.img_size} px | recipe {cfg.recipe} | "
-          f"{cfg.epochs} epochs, batch {total_batch} (= {cfg.batch_size} x {info.world_size} x {cfg.grad_accum}), "
+          f"{cfg.epochs} epochs{f' (the last {cfg.no_aug_epochs} plain)' if cfg.no_aug_epochs else ''}, "
+          f"batch {total_batch} (= {cfg.batch_size} x {info.world_size} x {cfg.grad_accum}), "
           f"lr {lr:.3g} | output {cfg.output}", flush=True)
 
 
