@@ -120,6 +120,21 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert json.loads((out / 'summary.json').read_text())['best_top1'] == ref['best_top1']
 
 
+def test_kept_checkpoints_fork_a_variant_from_an_earlier_epoch(tmp_path):
+    kw = dict(**TINY, recipe='small', epochs=3, seed=3)
+    train(make_config(**kw, keep_every=2, output=str(tmp_path / 'a')))
+    assert sorted(p.name for p in (tmp_path / 'a').glob('checkpoint_epoch*.pth')) == ['checkpoint_epoch2.pth']
+    kept = tmp_path / 'a' / 'checkpoint_epoch2.pth'
+    assert torch.load(kept, weights_only=True)['epoch'] == 1  # 0-based: two epochs done
+    # the same run resumed from the kept epoch ends where the whole run ended: a variant forked there shares its past
+    train(make_config(**kw, resume=str(kept), output=str(tmp_path / 'b')))
+    rows = [[(r['epoch'], r['train_loss'], r['top1']) for r in csv.DictReader((tmp_path / d / 'metrics.csv').open())]
+            for d in 'ab']
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+    with pytest.raises(UserError, match='keep_every'):
+        make_config(**kw, keep_every=-1, output='u')
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / 'run'
     train(make_config(**TINY, recipe='small', epochs=1, output=str(out)))

@@ -47,6 +47,8 @@ _HELP = {
     'translate': 'random shift of up to this fraction of the image size (zero fill), after the crop; e.g. 0.1',
     'no_aug_epochs': 'train the last N epochs on the evaluation view: the whole image, flips only (no crops, '
                      'shifts, erasing, RandAugment, jitter, Mixup or CutMix), as YOLOX does (default 0)',
+    'keep_every': 'also keep every Nth epoch\'s checkpoint as checkpoint_epoch<E>.pth, to resume or fork a variant '
+                  'from that epoch later (default 0: only the latest, checkpoint.pth)',
     'aa': "timm RandAugment string, e.g. rand-m9-mstd0.5; 'none' to disable",
 }
 

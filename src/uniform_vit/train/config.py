@@ -82,6 +82,7 @@ class TrainConfig:
     workers: int | None = None  # data-loader processes; None: 0 on small machines, else up to 8
     batch_aug: str = 'auto'  # augment in-memory datasets a batch at a time: auto (when the transform allows) | on | off
     val_every: int = 1
+    keep_every: int = 0  # also keep every Nth epoch's checkpoint as checkpoint_epoch<E>.pth (0: only the latest)
     progress: bool = True
     config: str | None = None  # the YAML file the values came from (informational)
 
@@ -172,6 +173,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.resize_ramp_end <= 1, f"resize_ramp_end must be in (0, 1], got {cfg.resize_ramp_end}"),
         (cfg.batch_aug in ('auto', 'on', 'off'), f"batch_aug must be auto, on or off, got {cfg.batch_aug!r}"),
         (cfg.val_every >= 1, f"val_every must be at least 1, got {cfg.val_every}"),
+        (cfg.keep_every >= 0, f"keep_every must be 0 (off) or a number of epochs, got {cfg.keep_every}"),
         # a resumed run takes its data from the saved config (checked again after the merge)
         (cfg.dataset is not None or cfg.data_dir is not None or bool(cfg.resume), "give --dataset or --data-dir"),
     ]

@@ -87,6 +87,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f'.{dst.name}.{os.getpid()}.tmp')
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.amp == 'none' or (cfg.amp == 'auto' and device.type != 'cuda'):
         return None
@@ -588,6 +597,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                 scaler=scaler.state_dict() if scaler.is_enabled() else None, epoch=epoch, rng=rngs,
                 config=config_dict(cfg), history=history, best=best, train_seconds=train_seconds, meta=meta),
                 out / CHECKPOINT)
+            if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:  # a point to resume or fork a variant from
+                atomic_copy(out / CHECKPOINT, out / f'checkpoint_epoch{epoch + 1}.pth')
             write_metrics(out, history)
             _epoch_line(row, cfg.epochs)
         barrier(info)
