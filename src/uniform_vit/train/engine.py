@@ -16,7 +16,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -72,28 +72,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file next to ``path``, then rename it over ``path``: readers see the old file or the
+    whole new one, never half of it (a failed write removes its temporary; a SIGKILL may leave one behind)."""
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f'.{dst.name}.{os.getpid()}.tmp')
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
