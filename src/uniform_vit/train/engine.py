@@ -511,8 +511,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     size, plain = cfg.img_size, False
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(epoch_seed(cfg, epoch, info.rank))
-        if (new_size := epoch_img_size(cfg, epoch)) != size or plain_epoch(cfg, epoch) != plain:
-            size, plain = new_size, plain_epoch(cfg, epoch)
+        if (view := (epoch_img_size(cfg, epoch), plain_epoch(cfg, epoch))) != (size, plain):
+            size, plain = view
             set_train_transform(train_ds, cfg, in_chans, size, batched, plain)
         mix, loss_fn = (None, hard) if plain else (mixup, criterion)
         loader = train_loader(train_ds, cfg, info, epoch, workers, batched)
