@@ -135,6 +135,22 @@ def test_kept_checkpoints_fork_a_variant_from_an_earlier_epoch(tmp_path):
         make_config(**kw, keep_every=-1, output='u')
 
 
+def test_ema_turned_on_at_a_resume_starts_from_the_resumed_weights(tmp_path):
+    kw = dict(**TINY, recipe='small', seed=3)
+    train(make_config(**kw, epochs=1, output=str(tmp_path / 'a')))
+    st = torch.load(tmp_path / 'a' / CHECKPOINT, weights_only=False)
+    assert st.get('model_ema') is None
+    # mark the resumed weights: a head bias far from anything the fresh initialisation (zeros) or 4 steps could reach
+    st['model']['head.linear.bias'] = st['model']['head.linear.bias'] + 1.0
+    fork = tmp_path / 'fork.pth'
+    torch.save(st, fork)
+    train(make_config(**kw, epochs=2, resume=str(fork), model_ema=True, output=str(tmp_path / 'b')))
+    end = torch.load(tmp_path / 'b' / CHECKPOINT, weights_only=True)
+    gap = (end['model_ema']['head.linear.bias'] - end['model']['head.linear.bias']).abs().max().item()
+    # started from the fresh model, the EMA would still hold about a quarter of its zero bias after 4 warm-up updates
+    assert gap < 0.1, gap
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / 'run'
     train(make_config(**TINY, recipe='small', epochs=1, output=str(out)))

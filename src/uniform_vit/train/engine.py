@@ -479,8 +479,9 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         path, st = resumed
         _unwrap(model).load_state_dict(st['model'])
         optimizer.load_state_dict(st['optimizer'])
-        if ema is not None and st.get('model_ema') is not None:
-            ema.module.load_state_dict(st['model_ema'])
+        if ema is not None:  # EMA turned on at a resume (a variant forked from a run without one): start it from the
+            # resumed weights, not from the fresh initialisation it was copied from above
+            ema.module.load_state_dict(st['model_ema'] if st.get('model_ema') is not None else st['model'])
         if st.get('scaler'):
             scaler.load_state_dict(st['scaler'])
         set_rng_state(st['rng'][info.rank] if info.rank < len(st['rng']) else st['rng'][0])
