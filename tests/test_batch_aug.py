@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import random
 
 import numpy as np
@@ -254,6 +255,7 @@ def test_plain_epochs_train_on_the_evaluation_view_without_mixing(tmp_path):
     model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
     s = train(make_config(**kw, output=str(tmp_path / 'run')), model=model)
     assert s['epochs'] == 2 and len(seen) == 4  # two steps an epoch; the soft-target loss gave way to the hard one
+    assert [r['plain'] for r in csv.DictReader((tmp_path / 'run' / 'metrics.csv').open())] == ['0', '1']
     view = torch.stack([x for x, _ in create_dataset('synthetic', 'train', img_size=32, in_chans=3, num_samples=32)])
     assert all(_off_view(b, view).min() > 0.5 for b in seen[:2])  # erased and mixed
     assert all(_off_view(b, view).max() <= 1.01 / 255 / 0.25 for b in seen[2:])  # last epoch: the images as they are

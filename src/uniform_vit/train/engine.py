@@ -290,7 +290,7 @@ def _bar(total: int, desc: str, enabled: bool):
 # ---- reporting ----------------------------------------------------------------------------------------------------
 
 CSV_FIELDS = ['epoch', 'lr', 'train_loss', 'val_loss', 'top1', 'top5', 'top1_ema', 'img_per_s', 'epoch_seconds',
-              'img_size']
+              'img_size', 'plain']  # plain: 1 for the last --no-aug-epochs (evaluation view, no mixing), else 0
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
@@ -313,6 +313,10 @@ def plot_curves(out: Path, history: list[dict], title: str) -> Path | None:
         return None
     ep = [h['epoch'] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    plain = [h['epoch'] for h in history if h.get('plain')]
+    for ax in (a, b) if plain else ():  # the plain last epochs, shaded: the loss drops there by design
+        ax.axvspan(min(plain) - 0.5, max(plain) + 0.5, color='0.9', zorder=0,
+                   label=f'plain view ({len(plain)} epochs)' if ax is b else None)
     a.plot(ep, [h['train_loss'] for h in history], label='train loss')
     a.plot(ep, [h.get('val_loss') for h in history], label='val loss')
     a.set_xlabel('epoch')
@@ -573,7 +577,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         totals = all_reduce_sum(torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64), info)
         row: dict[str, Any] = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]['lr'],
                                    train_loss=float(totals[0] / max(totals[1], 1)),
-                                   img_per_s=float(totals[1]) / epoch_time, epoch_seconds=epoch_time, img_size=size)
+                                   img_per_s=float(totals[1]) / epoch_time, epoch_seconds=epoch_time, img_size=size,
+                                   plain=int(plain))
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             vl = eval_loader(val_ds, cfg.batch_size, info, workers)
             res = evaluate(model, vl, num_classes, device, dtype, info, cl, cfg.progress, 'val')
