@@ -197,8 +197,8 @@ def test_progressive_training_changes_the_batches_size(tmp_path, batch_aug, monk
                       batch_size=16, train_samples=32, val_samples=16, threads=1, progress=False, workers=0,
                       recipe='small', batch_aug=batch_aug, output=str(out)))
     assert seen == [32, 32, 48, 48, 64, 64]  # two batches an epoch, at the epoch's size
-    rows = (out / 'metrics.csv').read_text().splitlines()
-    assert rows[0].endswith('img_size') and [r.split(',')[-1] for r in rows[1:]] == ['32', '48', '64']
+    rows = list(csv.DictReader((out / 'metrics.csv').open()))
+    assert [(r['img_size'], r['plain']) for r in rows] == [('32', '0'), ('48', '0'), ('64', '0')]
 
 
 class _Sized:
