@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .onnx import _atomic_target, check_output_path
+from ..utils.checkpoint import atomic_target
+from .onnx import check_output_path
 
 
 def _executorch():
@@ -47,7 +48,7 @@ def export_executorch(model: nn.Module, path: str | os.PathLike, input_size: Seq
             pte = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     except Exception as e:
         raise UserError(f"ExecuTorch lowering failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         tmp.write_bytes(pte.buffer)
     return path
 

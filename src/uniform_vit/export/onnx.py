@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..utils.checkpoint import atomic_target
 
 MIN_OPSET = 18  # the torch.export-based exporter cannot target older opsets (it silently keeps 18)
 PARITY_TOL = 1e-4  # max abs logit difference accepted between onnxruntime (fp32) and PyTorch
@@ -61,18 +61,6 @@ def check_output_path(path: str | os.PathLike) -> Path:
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"output {path} is not writable")
     return path
-
-
-@contextlib.contextmanager
-def _atomic_target(path: Path):
-    """Yield a temporary file next to ``path``; rename it onto ``path`` only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def ort_channel_block() -> int | None:
@@ -148,7 +136,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
         model = align_stem_channels(model, align_channels)
     example = torch.randn(2 if dynamic_batch else 1, *input_size)  # batch 2: a batch of 1 would be specialised
     dynamic_shapes = ({0: torch.export.Dim('batch', min=1)},) if dynamic_batch else None
-    with _atomic_target(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+    with atomic_target(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter('ignore')  # the exporter warns about internals users cannot act on
         try:
             # the exporter prints progress on stdout even when verbose=False on some versions
@@ -186,7 +174,7 @@ def simplify_onnx(path: str | os.PathLike) -> str | None:
         import onnxslim
 
         slim = onnxslim.slim(str(path))
-        with _atomic_target(path) as tmp:
+        with atomic_target(path) as tmp:
             onnx.save(slim, str(tmp))
         return 'onnxslim'
     if importlib.util.find_spec('onnxsim') is not None:
@@ -195,7 +183,7 @@ def simplify_onnx(path: str | os.PathLike) -> str | None:
         simplified, ok = onnxsim.simplify(onnx.load(str(path)))
         if not ok:
             raise UserError(f"onnxsim could not validate the simplified {path}")
-        with _atomic_target(path) as tmp:
+        with atomic_target(path) as tmp:
             onnx.save(simplified, str(tmp))
         return 'onnxsim'
     return None

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .onnx import _atomic_target, _require, check_output_path
+from ..utils.checkpoint import atomic_target
+from .onnx import _require, check_output_path
 
 CALIBRATION_METHODS = ('minmax', 'entropy', 'percentile')
 DEFAULT_METHOD = 'percentile'  # best on the shipped Fashion-MNIST model (all within 0.13 pt): benchmarks/export.md
@@ -79,7 +80,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
         if method == 'percentile':
             extra['CalibPercentile'] = 99.999
         # the histogram calibrators print progress on stdout, which would corrupt `export --json`
-        with _atomic_target(out_path) as tmp, contextlib.redirect_stdout(io.StringIO()):
+        with atomic_target(out_path) as tmp, contextlib.redirect_stdout(io.StringIO()):
             quantize_static(
                 str(pre), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..layers.conv import aten_only
-from .onnx import _atomic_target, check_output_path
+from ..utils.checkpoint import atomic_target
+from .onnx import check_output_path
 
 
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int] = (3, 224, 224)) -> Path:
@@ -34,7 +35,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Se
             traced = torch.jit.trace(model, example, check_trace=False)
         except Exception as e:
             raise UserError(f"TorchScript trace failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
-        with _atomic_target(path) as tmp:
+        with atomic_target(path) as tmp:
             torch.jit.save(traced, str(tmp))
     return path
 

@@ -16,7 +16,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ..data.batch_aug import BatchedSource
 from ..errors import UserError
+from ..utils.checkpoint import atomic_target
 from ..utils.tta import log_probs
 from .config import TrainConfig, config_dict, config_from_dict, validate
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -72,27 +73,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """``write`` a temporary file next to ``path``, then rename it over ``path``: readers see the old file or the
-    whole new one, never half of it (a failed write removes its temporary; a SIGKILL may leave one behind)."""
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    with atomic_target(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(text))
+    with atomic_target(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+    with atomic_target(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:

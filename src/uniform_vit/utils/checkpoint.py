@@ -7,6 +7,7 @@ fused or not) so ``model_from_checkpoint`` can rebuild the right network without
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -64,6 +65,19 @@ def read_checkpoint(path: str | os.PathLike, prefer_ema: bool = False) -> tuple[
     return state, meta
 
 
+@contextlib.contextmanager
+def atomic_target(path: Path):
+    """Yield a temporary file next to ``path``; rename it onto ``path`` only if the block succeeds. Readers see the
+    old file or the whole new one, never half of it; a failed block removes its temporary (a SIGKILL may leave one)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write the model's weights (atomically: temp file + rename). ``.safetensors`` or any torch suffix."""
     path = Path(path)
@@ -75,19 +89,13 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, meta: dict | None
     if getattr(model, 'attn_type', None):
         meta.setdefault('attn_type', model.attn_type)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         if path.suffix == '.safetensors':
             from safetensors.torch import save_file
 
-            save_file(state, tmp, metadata={k: json.dumps(v) for k, v in meta.items() if k in _META_KEYS})
+            save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items() if k in _META_KEYS})
         else:
             torch.save({'model': state, 'meta': meta}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
