@@ -115,10 +115,61 @@ def test_steps_without_a_batched_form_say_so():
     assert 'ColorJitter' in BatchAugment.from_transform(jitter)
     nearest = build_transform(32, 3, True, mean, mean, dict(FLAT), 'nearest')
     assert 'nearest' in BatchAugment.from_transform(nearest)
+    from torchvision import transforms as T
+
     ev = build_transform(32, 3, False, mean, mean)
-    assert isinstance(BatchAugment.from_transform(ev), str)  # the evaluation resize is not a training pipeline
+    cropped = T.Compose([T.Resize(40), T.CenterCrop(32), *ev.transforms[2:]])  # crop_pct < 1: part of the image
+    assert 'centre crop' in BatchAugment.from_transform(cropped)
+    assert 'evaluation transform' in BatchAugment.from_transform(T.Compose([T.Resize(32), T.ToTensor()]))
     with pytest.raises(ValueError, match='uint8'):
         BatchAugment.from_transform(build_transform(32, 3, True, mean, mean, dict(FLAT)))(torch.zeros(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize('in_chans, size, out', [(1, 24, 96), (3, 32, 48), (3, 32, 24)])
+def test_evaluation_view_is_pillows_whole_image_resize(in_chans, size, out):
+    ds = SyntheticDataset(12, 4, size, 3, seed=2)
+    ds.in_chans = in_chans
+    mean, std = (0.3,) * in_chans, (0.2,) * in_chans
+    ds.transform = build_transform(out, in_chans, False, mean, std)
+    aug = BatchAugment.from_transform(ds.transform)
+    assert isinstance(aug, BatchAugment) and aug.whole and aug.size == out and aug.hflip == 0 and aug.erasing is None
+    random.seed(0)
+    state = random.getstate()
+    x = aug(as_uint8_batch(ds.images, in_chans))
+    assert random.getstate() == state  # nothing drawn: the view is the same in every epoch
+    ref = torch.stack([ds[i][0] for i in range(len(ds))])  # torchvision's Resize + CenterCrop on Pillow images
+    diff = (x - ref).abs() * torch.tensor(std).view(1, -1, 1, 1) * 255
+    assert x.shape == ref.shape and diff.max() <= 1.0 + 1e-3 and (diff < 1e-3).float().mean() > 0.99
+    with pytest.raises(ValueError, match='square'):
+        aug(torch.zeros(2, in_chans, 8, 10, dtype=torch.uint8))
+
+
+def test_evaluation_loader_is_batched_for_square_in_memory_sets(tmp_path):
+    import timm
+
+    from uniform_vit.data.batch_aug import BatchedLoader
+    from uniform_vit.train.distributed import DistInfo
+    from uniform_vit.train.engine import eval_loader, evaluate
+
+    ds = SyntheticDataset(40, 5, 32, 3, build_transform(32, 3, False, (0.5,) * 3, (0.25,) * 3), seed=4)
+    info = DistInfo()
+    loader = eval_loader(ds, 16, info, workers=0)
+    assert isinstance(loader, BatchedLoader)
+    assert torch.cat([y for _, y in loader]).tolist() == ds.targets  # the dataset's order, nothing dropped
+    per_image = torch.utils.data.DataLoader(ds, 16)
+    torch.manual_seed(0)
+    net = timm.create_model('uniform_t', num_classes=5, img_size=32).eval()
+    a, b = evaluate(net, loader, 5, info.device), evaluate(net, per_image, 5, info.device)
+    assert a['n'] == b['n'] == 40 and torch.equal(a['confusion'], b['confusion'])
+    assert a['loss'] == pytest.approx(b['loss'], rel=1e-3)
+    assert isinstance(eval_loader(ds, 16, info, workers=0, batched=False), torch.utils.data.DataLoader)
+    shard = eval_loader(ds, 16, DistInfo(rank=1, world_size=3), workers=0)  # DDP: every third image, no padding
+    assert torch.cat([y for _, y in shard]).tolist() == ds.targets[1::3]
+    wide = SyntheticDataset(8, 5, 32, 3, ds.transform)
+    wide.images = np.concatenate([wide.images, wide.images[:, :, :8]], axis=2)  # 40 wide, 32 high
+    kept = eval_loader(wide, 16, info, workers=0)
+    assert isinstance(kept, torch.utils.data.DataLoader)  # aspect-preserving resize: Pillow, one image at a time
+    assert 'aspect' in BatchedSource.from_dataset(wide)
 
 
 def test_colour_conversions_are_pillows():

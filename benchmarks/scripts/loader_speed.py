@@ -12,6 +12,12 @@ erasing 0.25) and the engine's batch sampler:
   * ``... + step``: the same, each batch followed by one uniform_t AdamW step (channels-last, as the engine runs it):
     the training throughput a run sees, loading included.
 Ratios are medians of per-round ratios against the per-image arms.
+
+``--eval``: the same comparison for validation, on the test set's evaluation view (the whole image resized, no
+random draw) through the engine's ``eval_loader`` with and without its batched form, and ``+ step`` is then one
+forward pass in eval mode under ``no_grad`` (what every epoch's validation and ``uniform-vit val`` run).
+
+    python benchmarks/scripts/loader_speed.py --img-size 96 --threads 2 --eval
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from _step_args import set_up, step_parser  # this folder's shared flags and set
 import uniform_vit  # noqa: F401
 from uniform_vit.bench.harness import interleaved_timing, median, spread
 from uniform_vit.data import create_dataset
-from uniform_vit.data.batch_aug import BatchedSource
+from uniform_vit.data.batch_aug import BatchedLoader, BatchedSource
 from uniform_vit.train.config import make_config
-from uniform_vit.train.engine import GlobalBatchSampler, train_aug
+from uniform_vit.train.distributed import DistInfo
+from uniform_vit.train.engine import GlobalBatchSampler, eval_loader, train_aug
 from uniform_vit.utils.malloc import allocator_label
 
 
@@ -33,23 +40,35 @@ def main() -> None:
     p = step_parser(__doc__, img_size=96, in_chans=False)  # Fashion-MNIST: one channel, ten classes
     p.add_argument('--batches', type=int, default=4, help='batches per timed call')
     p.add_argument('--model', default='uniform_t', help="model for the '+ step' arms; 'none' skips them")
+    p.add_argument('--eval', action='store_true', help='validation loading (test set, evaluation view) instead')
     args = p.parse_args()
     set_up(args)
-    cfg = make_config(dataset='fashion-mnist', recipe='small', img_size=args.img_size, output='unused')
-    ds = create_dataset('fashion-mnist', 'train', img_size=args.img_size, in_chans=1, train=True, aug=train_aug(cfg))
-    src = BatchedSource.from_dataset(ds)
-    if isinstance(src, str):
-        raise SystemExit(f"no batched form: {src}")
     n = args.batches * args.batch_size
-    epoch = [0]
+    if args.eval:
+        test = create_dataset('fashion-mnist', 'val', img_size=args.img_size, in_chans=1)
+        ds = torch.utils.data.Subset(test, range(n))
+        if not isinstance(eval_loader(ds, args.batch_size, DistInfo(), 0), BatchedLoader):
+            raise SystemExit("no batched evaluation view")
 
-    def sampler():  # a fresh permutation every call, as every epoch has one
-        epoch[0] += 1
-        return GlobalBatchSampler(n, args.batch_size, 1, 0, seed=0, epoch=epoch[0], drop_last=True)
+        def loaders():
+            return {'per-image': lambda: eval_loader(ds, args.batch_size, DistInfo(), 0, batched=False),
+                    'batched': lambda: eval_loader(ds, args.batch_size, DistInfo(), 0)}
+    else:
+        cfg = make_config(dataset='fashion-mnist', recipe='small', img_size=args.img_size, output='unused')
+        ds = create_dataset('fashion-mnist', 'train', img_size=args.img_size, in_chans=1, train=True,
+                            aug=train_aug(cfg))
+        src = BatchedSource.from_dataset(ds)
+        if isinstance(src, str):
+            raise SystemExit(f"no batched form: {src}")
+        epoch = [0]
 
-    def loaders():
-        return {'per-image': lambda: torch.utils.data.DataLoader(ds, args.batch_size, sampler=sampler()),
-                'batched': lambda: src.loader(sampler(), args.batch_size)}
+        def sampler():  # a fresh permutation every call, as every epoch has one
+            epoch[0] += 1
+            return GlobalBatchSampler(n, args.batch_size, 1, 0, seed=0, epoch=epoch[0], drop_last=True)
+
+        def loaders():
+            return {'per-image': lambda: torch.utils.data.DataLoader(ds, args.batch_size, sampler=sampler()),
+                    'batched': lambda: src.loader(sampler(), args.batch_size)}
 
     fns = {name: (lambda make=make: [None for _ in make()]) for name, make in loaders().items()}
     if args.model != 'none':
@@ -62,8 +81,16 @@ def main() -> None:
                 torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
                 opt.step()
 
-        fns.update({f'{name} + step': (lambda make=make: train_on(make)) for name, make in loaders().items()})
-    print(f'Fashion-MNIST, {args.img_size} px, batch {args.batch_size}, {args.batches} batches per call, '
+        @torch.no_grad()
+        def evaluate_on(make):
+            model.eval()
+            for x, _ in make():
+                model(x.contiguous(memory_format=torch.channels_last))
+
+        step = evaluate_on if args.eval else train_on
+        fns.update({f'{name} + step': (lambda make=make: step(make)) for name, make in loaders().items()})
+    print(f'Fashion-MNIST {"test set, evaluation view" if args.eval else "training set"}, {args.img_size} px, '
+          f'batch {args.batch_size}, {args.batches} batches per call, '
           f'{args.threads} threads, torch {torch.__version__}, malloc {allocator_label()}, '
           f'{args.rounds} interleaved rounds')
     t = interleaved_timing(fns, rounds=args.rounds, warmup=1)

@@ -30,7 +30,8 @@ _HELP = {
     'resume': 'continue the run in --output (or from the given checkpoint.pth)',
     'config': 'YAML file of options; flags typed on the command line win',
     'threads': 'torch CPU threads',
-    'workers': 'data-loader processes (default: 0 on machines with <= 4 cores)',
+    'workers': 'data-loader processes for per-image loading (default: 0 on machines with <= 4 cores); batched '
+               'in-memory sets do not use them',
     'min_img_size': 'progressive resizing: train the first epochs at this size, growing linearly in steps of 16 px '
                     'to --img-size by --resize-ramp-end of the run (validation always at --img-size)',
     'resize_ramp_end': 'fraction of the epochs after which progressive resizing reaches --img-size (default 0.75)',

@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--samples', type=positive_int, help='evaluate the first N images only')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
     p.add_argument('--threads', type=positive_int, help='torch CPU threads')
-    p.add_argument('--workers', type=int, default=0, help='data-loader processes (default 0)')
+    p.add_argument('--workers', type=int, default=0,
+                   help='data-loader processes for image folders (default 0); in-memory sets (Fashion-MNIST, '
+                        'CIFAR) are resized a batch at a time instead')
     p.add_argument('--plot', default='confusion_matrix.png', help="confusion-matrix PNG path ('' to skip)")
     p.add_argument('--strict', action='store_true', help='stop at the first unreadable image')
     p.add_argument('--tta', default='none',
@@ -51,8 +53,8 @@ def validate(checkpoint: str | None = None, dataset: str | None = None, data_dir
     from uniform_vit.data import create_dataset
     from uniform_vit.errors import UserError
     from uniform_vit.export.model import input_channels
-    from uniform_vit.train.distributed import pick_device
-    from uniform_vit.train.engine import evaluate
+    from uniform_vit.train.distributed import DistInfo, pick_device
+    from uniform_vit.train.engine import eval_loader, evaluate
     from uniform_vit.utils.checkpoint import model_from_checkpoint
     from uniform_vit.utils.tta import check_tta
     from uniform_vit.weights import default_checkpoint
@@ -82,7 +84,7 @@ def validate(checkpoint: str | None = None, dataset: str | None = None, data_dir
         ds = torch.utils.data.Subset(ds, range(min(samples, len(ds))))
     dev = pick_device(device)
     net.to(dev)
-    loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers)
+    loader = eval_loader(ds, batch_size, DistInfo(device=dev), workers)  # in-memory sets: resized a batch at a time
     t0 = time.perf_counter()
     res = evaluate(net, loader, num_classes, dev, progress=progress, desc=f'val {dataset}', tta=tta)
     seconds = time.perf_counter() - t0

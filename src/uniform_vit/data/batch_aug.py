@@ -15,7 +15,9 @@ level (its fixed-point weights round differently in rare ties). The random draws
 (timm's ``get_params``, ``RandomErasing``), so the augmentation's distribution is unchanged.
 
 The plan is read off the per-image transform itself (``BatchAugment.from_transform``): a step it does not know
-(RandAugment, colour jitter, ...) means no batched form, and the caller keeps the per-image loader.
+(RandAugment, colour jitter, ...) means no batched form, and the caller keeps the per-image loader. The evaluation
+transform (resize the whole image, to tensor, normalise) has a batched form too, for square images: a "crop" of the
+whole image with no random draw, so validation needs no Pillow either.
 """
 
 from __future__ import annotations
@@ -91,26 +93,37 @@ class BatchAugment:
     Returns ``(B, C, S, S)`` float32, normalised and erased, on the images' device.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+    def __init__(self, size: int, scale: tuple[float, float] | None, ratio: tuple[float, float] | None,
                  interpolation: str | tuple[str, ...], hflip: float, mean: tuple[float, ...], std: tuple[float, ...],
                  pad: int = 0, erasing: Callable | None = None):
+        """``scale=None`` (with ``ratio=None``): no random crop, every image resized whole (the evaluation view)."""
         interps = (interpolation,) if isinstance(interpolation, str) else tuple(interpolation)
         for m in interps:
             if m not in _FILTERS:
                 raise ValueError(f"no batched form of {m!r} interpolation; one of {', '.join(_FILTERS)}")
-        self.size, self.scale, self.ratio, self.interps = size, tuple(scale), tuple(ratio), interps
+        self.scale = tuple(scale) if scale is not None else None
+        self.ratio = tuple(ratio) if ratio is not None else None
+        self.size, self.interps = size, interps
         self.hflip, self.pad, self.erasing = hflip, pad, erasing
         self.mean, self.std = tuple(mean), tuple(std)
         self._tables: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}  # per size / device
 
+    @property
+    def whole(self) -> bool:
+        """True for the evaluation view: each image resized whole, nothing random."""
+        return self.scale is None
+
     @classmethod
     def from_transform(cls, tf: Callable) -> BatchAugment | str:
-        """The batched form of a timm training transform (as ``build_transform`` makes it), or why there is none."""
+        """The batched form of a timm training or evaluation transform (as ``build_transform`` makes them), or why
+        there is none."""
         from timm.data.random_erasing import RandomErasing
         from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
         from torchvision import transforms as T
 
         steps = list(getattr(tf, 'transforms', [tf]))
+        if steps and isinstance(steps[0], T.Resize):
+            return cls._from_evaluation(steps)
         # the order build_transform makes: crop, [shift], [flip], to tensor, normalise, [erase]
         pattern = [(RandomResizedCropAndInterpolation, True), (T.RandomCrop, False), (T.RandomHorizontalFlip, False),
                    ((MaybeToTensor, T.ToTensor), True), (T.Normalize, True), (RandomErasing, False)]
@@ -141,6 +154,27 @@ class BatchAugment:
             return f"no batched form of {'/'.join(names)} interpolation"
         return cls(crop.size[0], crop.scale, crop.ratio, names if len(names) > 1 else names[0], hflip, mean, std,
                    pad, erasing)
+
+    @classmethod
+    def _from_evaluation(cls, steps: list[Callable]) -> BatchAugment | str:
+        """timm's evaluation transform with crop_pct 1: resize to S, centre crop S x S, to tensor, normalise. For a
+        square image the crop takes the whole resized image, so this is a resize of the whole image."""
+        from timm.data.transforms import MaybeToTensor
+        from torchvision import transforms as T
+
+        kinds = (T.Resize, T.CenterCrop, (MaybeToTensor, T.ToTensor), T.Normalize)
+        if len(steps) != len(kinds) or not all(isinstance(s, k) for s, k in zip(steps, kinds)):
+            return "no batched form of this evaluation transform (only resize, centre crop, to tensor, normalise)"
+        resize, crop, _, norm = steps
+        size = resize.size if isinstance(resize.size, int) else tuple(resize.size)
+        if isinstance(size, tuple) and len(size) == 1:
+            size = size[0]
+        if not isinstance(size, int) or tuple(crop.size) != (size, size) or resize.max_size is not None:
+            return f"no batched form of {resize!r} then {crop!r}: the centre crop must take the whole resized image"
+        name = getattr(resize.interpolation, 'value', str(resize.interpolation))
+        if name not in _FILTERS:
+            return f"no batched form of {name} interpolation"
+        return cls(size, None, None, name, 0.0, tuple(float(v) for v in norm.mean), tuple(float(v) for v in norm.std))
 
     def _table(self, n: int, device: torch.device) -> torch.Tensor:
         """A view (filters, n + 1, S + 1, n + 2, n): ``[f, w, r, n - j]`` is output row r of filter f's weights for
@@ -181,6 +215,10 @@ class BatchAugment:
         """One batch's random draws (Python's ``random``, like the per-image transform)."""
         from timm.data.transforms import RandomResizedCropAndInterpolation
 
+        if self.whole:
+            z = torch.zeros(batch, dtype=torch.int64)
+            return dict(i=z, j=z, h=torch.full_like(z, height), w=torch.full_like(z, width), filter=z, dy=z, dx=z,
+                        flip=z)
         probe = torch.empty(0, height, width)  # get_params only reads the size
         draws = []
         for _ in range(batch):
@@ -197,6 +235,8 @@ class BatchAugment:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
         b, c, h, w = images.shape
+        if self.whole and h != w:  # the evaluation resize keeps the aspect ratio, then crops the centre
+            raise ValueError(f"the batched evaluation view takes square images, got {h}x{w}")
         p = params or self.params(b, h, w)
         p = dict(zip(_PARAMS, torch.stack([p[k] for k in _PARAMS]).to(images.device).unbind()))  # one copy to a GPU
         table = self._table(max(h, w), images.device)
@@ -268,6 +308,10 @@ class BatchedSource:
         aug = cls._augment(base.transform, device)
         if isinstance(aug, str):
             return aug
+        shape = np.shape(base.images)
+        if aug.whole and shape[1] != shape[2]:
+            return f"the evaluation view of {shape[2]}x{shape[1]} images keeps their aspect ratio (only square ones " \
+                   "are batched)"
         images = base.images if index is None else base.images[index]
         targets = base.targets if index is None else [base.targets[i] for i in index]
         return cls(as_uint8_batch(images, base.in_chans).to(device),

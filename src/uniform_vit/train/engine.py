@@ -222,10 +222,18 @@ def train_loader(ds: torch.utils.data.Dataset, cfg: TrainConfig, info: DistInfo,
                                        drop_last=False, pin_memory=info.device.type == 'cuda')
 
 
-def eval_loader(ds: torch.utils.data.Dataset, batch_size: int, info: DistInfo,
-                workers: int) -> torch.utils.data.DataLoader:
-    if info.enabled:  # disjoint shards without padding, so summed counts are exact
-        ds = torch.utils.data.Subset(ds, range(info.rank, len(ds), info.world_size))
+def eval_loader(ds: torch.utils.data.Dataset, batch_size: int, info: DistInfo, workers: int,
+                batched: bool = True) -> Iterable:
+    """The evaluation batches in dataset order (this rank's shard under DDP): resized a batch at a time for in-memory
+    datasets of square images (Fashion-MNIST, CIFAR) unless ``batched`` is False, else a ``DataLoader`` over the
+    per-image transform."""
+    # disjoint shards without padding, so summed counts are exact
+    index = range(info.rank, len(ds), info.world_size) if info.enabled else range(len(ds))
+    src = BatchedSource.from_dataset(ds, info.device) if batched else None
+    if isinstance(src, BatchedSource) and src.augment.whole:
+        return src.loader(index, batch_size)
+    if info.enabled:
+        ds = torch.utils.data.Subset(ds, index)
     return torch.utils.data.DataLoader(ds, batch_size, shuffle=False, num_workers=workers,
                                        pin_memory=info.device.type == 'cuda')
 
@@ -247,7 +255,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, num_classes:
     loss_sum = torch.zeros((), dtype=torch.float64)
     top5 = torch.zeros((), dtype=torch.int64)
     k = min(5, num_classes)
-    bar = _bar(len(loader.dataset), desc, progress and info.main)
+    bar = _bar(len(loader.sampler), desc, progress and info.main)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
@@ -506,6 +514,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     if info.main:
         _banner(cfg, info, params, len(train_ds), len(val_ds), total_batch, lr, in_chans, dtype, workers, aug_note)
 
+    # always at the final size, whatever the epoch trains at; Pillow per image with --batch-aug off
+    vl = eval_loader(val_ds, cfg.batch_size, info, workers, batched=cfg.batch_aug != 'off')
     size, plain = cfg.img_size, False
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(epoch_seed(cfg, epoch, info.rank))
@@ -573,7 +583,6 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                                    img_per_s=float(totals[1]) / epoch_time, epoch_seconds=epoch_time, img_size=size,
                                    plain=int(plain))
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            vl = eval_loader(val_ds, cfg.batch_size, info, workers)
             res = evaluate(model, vl, num_classes, device, dtype, info, cl, cfg.progress, 'val')
             row.update(val_loss=res['loss'], top1=res['top1'], top5=res['top5'])
             winner, top1, top5 = model, res['top1'], res['top5']

@@ -153,11 +153,11 @@ def run_trex(model: str, budget: float, checkpoint: str | None = None, dataset: 
     top1 = dict(original=None, reused=None, finetuned=None)
     finetune: dict | None = None
     if val_ds is not None:
-        from ..train.distributed import pick_device
-        from ..train.engine import evaluate
+        from ..train.distributed import DistInfo, pick_device
+        from ..train.engine import eval_loader, evaluate
 
-        loader = torch.utils.data.DataLoader(val_ds, 256, shuffle=False, num_workers=0)
         dev = pick_device('cpu')
+        loader = eval_loader(val_ds, 256, DistInfo(device=dev), workers=0)
         top1['original'] = round(evaluate(net, loader, classes, dev)['top1'], 2)
         top1['reused'] = round(evaluate(reused, loader, classes, dev)['top1'], 2)
         say(f"top-1 on {dataset} val ({len(val_ds)} images): original {top1['original']}, "
