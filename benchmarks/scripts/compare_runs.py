@@ -5,8 +5,9 @@
 
 Reads each run folder's metrics.csv and summary.json (what `uniform-vit train --output DIR` writes). The table gives
 the last epoch's test top-1 (what we report), the best epoch's, the final train loss, the training time and img/s;
-the plot shows test top-1 per epoch (left, from the first epoch at which any run passes 85 %) and train loss
-(right) for every run.
+the plot shows test top-1 (left) and train loss (right) for every run, against the epoch or, with `--x minutes`,
+against the training time (runs of different lengths at equal cost, such as two resolutions in the same hour). The
+top-1 axis spans the second halves of the runs, so an early dip does not squeeze the part that decides.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> None:
     p.add_argument('runs', nargs='+', type=Path, help='run folders')
     p.add_argument('--labels', nargs='+', help='one label per run (default: the folder names)')
     p.add_argument('--plot', help='PNG path for the curves')
+    p.add_argument('--x', choices=('epoch', 'minutes'), default='epoch',
+                   help="the plot's x axis: epochs, or minutes of training (summed epoch_seconds)")
     args = p.parse_args()
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
@@ -54,16 +57,24 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-        start = min(next((r['epoch'] for r in rows if (r['top1'] or 0) >= 85), 1) for rows, _ in data)
+        low, high = 100.0, 0.0
         for label, (rows, s) in zip(labels, data):
-            ev = [r for r in rows if r['top1'] is not None and r['epoch'] >= start]
-            a.plot([r['epoch'] for r in ev], [r['top1'] for r in ev], label=f"{label}: {s['final_top1']:.2f} %")
-            b.plot([r['epoch'] for r in rows], [r['train_loss'] for r in rows], label=label)
-        a.set_xlabel('epoch')
+            x, t = [], 0.0
+            for r in rows:
+                t += r['epoch_seconds'] or 0.0
+                x.append(r['epoch'] if args.x == 'epoch' else t / 60)
+            ev = [(xi, r['top1']) for xi, r in zip(x, rows) if r['top1'] is not None]
+            a.plot(*zip(*ev), label=f"{label}: {s['final_top1']:.2f} %")
+            b.plot(x, [r['train_loss'] for r in rows], label=label)
+            late = [v for _, v in ev[len(ev) // 2:]]
+            low, high = min(low, *late), max(high, *late)
+        a.set_ylim(low - 0.5, min(100.0, high + 0.3))
+        xlabel = 'epoch' if args.x == 'epoch' else 'training time (min)'
+        a.set_xlabel(xlabel)
         a.set_ylabel('test top-1 (%)')
         a.legend(title='last epoch')
         a.grid(alpha=0.3)
-        b.set_xlabel('epoch')
+        b.set_xlabel(xlabel)
         b.set_ylabel('train loss')
         b.legend()
         b.grid(alpha=0.3)
