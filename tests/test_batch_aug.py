@@ -144,7 +144,7 @@ def test_evaluation_view_is_pillows_whole_image_resize(in_chans, size, out):
         aug(torch.zeros(2, in_chans, 8, 10, dtype=torch.uint8))
 
 
-def test_evaluation_loader_is_batched_for_square_in_memory_sets(tmp_path):
+def test_evaluation_loader_is_batched_for_square_in_memory_sets():
     import timm
 
     from uniform_vit.data.batch_aug import BatchedLoader

@@ -47,12 +47,13 @@ def main() -> None:
     if args.eval:
         test = create_dataset('fashion-mnist', 'val', img_size=args.img_size, in_chans=1)
         ds = torch.utils.data.Subset(test, range(n))
-        if not isinstance(eval_loader(ds, args.batch_size, DistInfo(), 0), BatchedLoader):
+        # made once, as the engine makes them once a run; both are iterated afresh on every call
+        per_image, batched = (eval_loader(ds, args.batch_size, DistInfo(), 0, batched=b) for b in (False, True))
+        if not isinstance(batched, BatchedLoader):
             raise SystemExit("no batched evaluation view")
 
         def loaders():
-            return {'per-image': lambda: eval_loader(ds, args.batch_size, DistInfo(), 0, batched=False),
-                    'batched': lambda: eval_loader(ds, args.batch_size, DistInfo(), 0)}
+            return {'per-image': lambda: per_image, 'batched': lambda: batched}
     else:
         cfg = make_config(dataset='fashion-mnist', recipe='small', img_size=args.img_size, output='unused')
         ds = create_dataset('fashion-mnist', 'train', img_size=args.img_size, in_chans=1, train=True,
