@@ -86,8 +86,9 @@ def test_align_stem_channels_is_exact(name, widths):
     assert [c.out_channels for c in model.patch_embed if isinstance(c, torch.nn.Conv2d)][0] == widths[-1] // 8
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        # with the C++ ops, each width takes its own code path: on AVX-512 (16 floats a vector) 8 output channels
-        # are a tail of scalar columns and 16 a full vector, so the sums round differently (equal on AVX2)
+        # with the C++ ops a width may take another code path (uniform_l's 24-channel first conv runs the C++ op, the
+        # aligned 32-channel one oneDNN), so the sums may round differently (uniform_t's are bitwise equal since
+        # session 26, when the products' last columns became a masked vector instead of scalars on AVX-512)
         assert torch.allclose(wide(x), model(x), rtol=1e-5, atol=1e-5)
         # bitwise on the whole batch with ATen's convs; split into 1-image parts oneDNN picks other kernels for 8
         # and 16 channels

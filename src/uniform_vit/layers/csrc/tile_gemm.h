@@ -10,14 +10,16 @@
 // nothing, a ReLU, or the add of a residual res (row stride ldr).
 //
 // b may also be packed (pack_b; ldb < 0 asks for it): the column block starting at column j is stored at b + K j
-// as its K rows one after another, each as wide as the block (NV V, then V, then 1 for the last columns). In a plain
+// as its K rows one after another, each as wide as the block (NV V, then V, then the N mod V last columns). In a plain
 // matrix a block's rows are a cache line each, 4N bytes apart; packed they are one sequential run, which the
 // products read 1.1-1.2x faster at UniForm's wide shapes (N = 480-960) in the traced models (session 18).
 //
 // Register blocks: R rows x 2 vectors of output columns (6 x 16 with AVX2, 12 x 32 with AVX-512: 12 or 24
 // accumulators, 2 column vectors and 1 broadcast), the column panel outer so that its rows of b stay in L1 across
-// the row blocks; narrower panels and scalar columns for the tails. At UniForm's shapes on an AVX2 Zen 3 this reaches
-// 63-88 GFLOP/s against the core's 93 GFLOP/s FMA peak (benchmarks/RESULTS.md, section 1, sessions 17 and 18).
+// the row blocks; narrower panels for the tails and one masked vector for the last N mod V columns (until session
+// 26 a tail of scalar columns: on AVX-512, where V = 16, uniform_m's 120-wide query conv ran at 0.28x oneDNN's speed
+// that way, 0.91x now). At UniForm's shapes on an AVX2 Zen 3 this reaches 63-88 GFLOP/s against the core's
+// 93 GFLOP/s FMA peak (benchmarks/RESULTS.md, section 1, sessions 17 and 18).
 
 #pragma once
 
@@ -47,12 +49,15 @@ struct Segments {
   int64_t boff[9] = {0};
 };
 
-template <int RR, int NVV, Epi E>
+// RR rows x NVV column vectors. TAIL: the last vector holds only `last` (< V) columns, read and written with masked
+// loads and stores, so it sums in the same order as a whole vector and never touches memory past the last column.
+template <int RR, int NVV, Epi E, bool TAIL = false>
 inline void mk(const float* a, int64_t lda, const Segments& sg, int64_t K, const float* b, int64_t ldb,
-               const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc) {
+               const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc, int64_t last = V) {
+  const auto width = [last](int m) { return TAIL && m == NVV - 1 ? last : V; };
   Vec acc[RR][NVV];
   for (int m = 0; m < NVV; ++m) {
-    const Vec bv = Vec::loadu(bias + m * V);
+    const Vec bv = Vec::loadu(bias + m * V, width(m));
     for (int r = 0; r < RR; ++r) acc[r][m] = bv;
   }
   for (int s = 0; s < sg.n; ++s) {
@@ -60,7 +65,7 @@ inline void mk(const float* a, int64_t lda, const Segments& sg, int64_t K, const
     const float* bs = b + sg.boff[s];
     for (int64_t k = 0; k < K; ++k) {
       Vec bk[NVV];
-      for (int m = 0; m < NVV; ++m) bk[m] = Vec::loadu(bs + k * ldb + m * V);
+      for (int m = 0; m < NVV; ++m) bk[m] = Vec::loadu(bs + k * ldb + m * V, width(m));
       for (int r = 0; r < RR; ++r) {
         const Vec ab(as[r * lda + k]);
         for (int m = 0; m < NVV; ++m) acc[r][m] = at::vec::fmadd(ab, bk[m], acc[r][m]);
@@ -71,13 +76,16 @@ inline void mk(const float* a, int64_t lda, const Segments& sg, int64_t K, const
     for (int m = 0; m < NVV; ++m) {
       Vec y = acc[r][m];
       if constexpr (E == Epi::kRelu) y = at::vec::clamp_min(y, Vec(0.f));
-      if constexpr (E == Epi::kAdd) y = y + Vec::loadu(res + r * ldr + m * V);
-      y.store(c + r * ldc + m * V);
+      if constexpr (E == Epi::kAdd) y = y + Vec::loadu(res + r * ldr + m * V, width(m));
+      y.store(c + r * ldc + m * V, width(m));
     }
 }
 
-// columns j0 .. j1 of rows 0 .. RR - 1: full panels, then single vectors, then scalars. Plain b: the block at column j
-// is b + j, rows ldb apart; packed b (ldb < 0): it starts at b + K j, rows as far apart as the block is wide.
+// columns j0 .. j1 of rows 0 .. RR - 1: full panels, then single vectors, then one masked vector for the last
+// N mod V columns. Plain b: the block at column j is b + j, rows ldb apart; packed b (ldb < 0): it starts at b + K j,
+// rows as far apart as the block is wide. (One block of two vectors, the second masked, for a rest of 24 columns ran
+// uniform_m's 120-wide query conv 1.16x slower than a whole vector and a masked one: its packed rows of 24 floats
+// straddle cache lines.)
 template <int RR, Epi E>
 inline void rows(const float* a, int64_t lda, const Segments& sg, int64_t K, const float* b, int64_t ldb,
                  const float* bias, const float* res, int64_t ldr, float* c, int64_t ldc, int64_t j0, int64_t j1) {
@@ -89,18 +97,7 @@ inline void rows(const float* a, int64_t lda, const Segments& sg, int64_t K, con
   for (; j + NV * V <= j1; j += NV * V)
     mk<RR, NV, E>(a, lda, sg, K, bj(j), ld(NV * V), bias + j, rj(j), ldr, c + j, ldc);
   for (; j + V <= j1; j += V) mk<RR, 1, E>(a, lda, sg, K, bj(j), ld(V), bias + j, rj(j), ldr, c + j, ldc);
-  for (; j < j1; ++j) {
-    const float* bc = bj(j);
-    const int64_t ldk = ld(1);
-    for (int r = 0; r < RR; ++r) {
-      float acc = bias[j];
-      for (int s = 0; s < sg.n; ++s)
-        for (int64_t k = 0; k < K; ++k) acc += a[r * lda + sg.aoff[s] + k] * bc[sg.boff[s] + k * ldk];
-      if constexpr (E == Epi::kRelu) acc = std::max(acc, 0.f);
-      if constexpr (E == Epi::kAdd) acc += res[r * ldr + j];
-      c[r * ldc + j] = acc;
-    }
-  }
+  if (j < j1) mk<RR, 1, E, true>(a, lda, sg, K, bj(j), ld(j1 - j), bias + j, rj(j), ldr, c + j, ldc, j1 - j);
 }
 
 // c (M x N) = epilogue(bias + product) for M rows (a tile: a few dozen), column panels outer, row blocks inner
@@ -140,7 +137,8 @@ inline void gemm_rows(const float* a, int64_t lda, int64_t M, int64_t K, const f
   gemm_tile<E>(a, lda, M, Segments{}, K, b, packed ? -1 : N, N, bias, res, ldr, c, ldc);
 }
 
-// b (K x N, row-major) in the packed layout above: for each column block (NV V wide, then V, then 1), its K rows
+// b (K x N, row-major) in the packed layout above: for each column block (NV V wide, then V, then the last
+// N mod V columns), its K rows
 inline void pack_b(const float* b, int64_t K, int64_t N, float* out) {
   int64_t j = 0;
   auto block = [&](int64_t w) {
@@ -150,7 +148,7 @@ inline void pack_b(const float* b, int64_t K, int64_t N, float* out) {
   };
   while (j + NV * V <= N) block(NV * V);
   while (j + V <= N) block(V);
-  while (j < N) block(1);
+  if (j < N) block(N - j);
 }
 
 }  // namespace uniform_vit_tile
