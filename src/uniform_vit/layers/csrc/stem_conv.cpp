@@ -10,11 +10,12 @@
 // image is read where it lies (NCHW planes), the output is written once, channels-last, with bias and ReLU applied.
 //
 // Vectorised over output channels, 8 per 256-bit vector (AVX2 and FMA; the AVX-512 build runs the same 256-bit
-// code), for a run of P output pixels of one output row: each input value is broadcast once and multiplied into
-// every pixel it reaches. With stride 2 the P pixels of a row read 2P + 1 input columns per kernel row, against 3P
-// when each pixel is done on its own (1.3-1.4x faster measured for Cout = 8). Pixels whose window crosses the
-// image border (the first column, the last when W is even, and every pixel of the first and last rows' out-of-range
-// kernel rows) skip the padding taps.
+// code: a 512-bit version vectorised over 16 output pixels of a row, transposed into channels-last pixels at the end,
+// ran 0.6-0.94x this code on an AVX-512 Xeon in session 26, benchmarks/RESULTS.md, section 1), for a run of P output
+// pixels of one output row: each input value is broadcast once and multiplied into every pixel it reaches. With
+// stride 2 the P pixels of a row read 2P + 1 input columns per kernel row, against 3P when each pixel is done on its
+// own (1.3-1.4x faster measured for Cout = 8). Pixels whose window crosses the image border (the first column, the
+// last when W is even, and every pixel of the first and last rows' out-of-range kernel rows) skip the padding taps.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
