@@ -9,13 +9,16 @@
 // separate ReLU pass over the largest map of the network (benchmarks/RESULTS.md, section 1, session 17). Here the
 // image is read where it lies (NCHW planes), the output is written once, channels-last, with bias and ReLU applied.
 //
-// Vectorised over output channels, 8 per 256-bit vector (AVX2 and FMA; the AVX-512 build runs the same 256-bit
-// code: a 512-bit version vectorised over 16 output pixels of a row, transposed into channels-last pixels at the end,
-// ran 0.6-0.94x this code on an AVX-512 Xeon in session 26, benchmarks/RESULTS.md, section 1), for a run of P output
+// Two versions. The AVX2 one (below) is vectorised over output channels, 8 per 256-bit vector, for a run of P output
 // pixels of one output row: each input value is broadcast once and multiplied into every pixel it reaches. With
 // stride 2 the P pixels of a row read 2P + 1 input columns per kernel row, against 3P when each pixel is done on its
 // own (1.3-1.4x faster measured for Cout = 8). Pixels whose window crosses the image border (the first column, the
 // last when W is even, and every pixel of the first and last rows' out-of-range kernel rows) skip the padding taps.
+// The AVX-512 build runs its own 512-bit version (stem_rows_512, session 27, a Zen 5 EPYC: 1.2-1.5x the 256-bit
+// code alone for 3 input channels, 1.02-1.04x the traced uniform_t; benchmarks/RESULTS.md, section 1). An earlier
+// 512-bit version, one output channel of 16 pixels per register and an 8 x 16 transpose at the end, ran 0.6-0.94x
+// the 256-bit code on an AVX-512 Xeon (session 26) and was not kept; the one here has not been run on that Xeon.
+// Building with -DSTEM_CONV_256 keeps the 256-bit code on AVX-512 for such comparisons.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,6 +27,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -111,6 +115,108 @@ void stem_rows(const float* x, int64_t B, int64_t cin, int64_t H, int64_t W, con
   });
 }
 
+#if defined(__AVX512F__) && !defined(STEM_CONV_256)
+// The AVX-512 version (session 27, a Zen 5 EPYC): each 512-bit accumulator holds 4 output channels x 4 neighbouring
+// output pixels, lane 4k + p = channel 4m + k of pixel p, so a tap's input is one 128-bit load of 4 consecutive
+// values broadcast to the four quads, and its weights one 512-bit vector (each channel's weight four times) read by
+// the FMA from memory. For stride 2 those 4 values are every second input column: each input row the output row
+// needs is first split into its even and odd columns (E, and O shifted by one for the left padding column), so that
+// the three taps of a kernel row read O[j], E[j] and O[j + 1] for output pixel j. A run is R groups of 4 pixels;
+// at the end each accumulator is transposed in its register (quad p = pixel p's 4 channels) and stored as four
+// 128-bit pieces of the channels-last row. The row's last group may hold fewer than 4 pixels: its input columns
+// past the image read the zero padding of E and O, and only its real pixels are stored.
+
+// Split input row `row` (W floats) into E[j] = row[2j] and O[j + 1] = row[2j + 1]; O[0] stays 0 (column -1). Entries
+// past the row's end are written as 0 (masked loads) up to 16 * ceil(W / 32) - 1, the rest were zeroed at allocation.
+inline void split_columns(const float* row, int64_t W, float* E, float* O) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t c = 0; c < W; c += 32) {
+    const int64_t n = W - c;
+    const __mmask16 lo = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+    const __mmask16 hi = n >= 32 ? 0xFFFF : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
+    const __m512 a = _mm512_maskz_loadu_ps(lo, row + c), b = _mm512_maskz_loadu_ps(hi, row + c + 16);
+    _mm512_storeu_ps(E + c / 2, _mm512_permutex2var_ps(a, even, b));
+    _mm512_storeu_ps(O + 1 + c / 2, _mm512_permutex2var_ps(a, odd, b));
+  }
+}
+
+// One run of R groups of 4 output pixels starting at pixel j0 of the row. taps: the row's valid (Cin, ky) pairs, each
+// with its E / O rows and its 3 x G weight vectors; G = Cout / 4 accumulators per group.
+template <int G, int R>
+inline void run_quads(const float* const* E, const float* const* O, const float* const* wk, int ntaps,
+                      const __m512* bias, int64_t j0, int64_t OW, float* orow, bool relu) {
+  __m512 acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < G; ++m) acc[r][m] = bias[m];
+  for (int t = 0; t < ntaps; ++t) {
+#pragma GCC unroll 3
+    for (int kx = 0; kx < 3; ++kx) {
+      const float* src = (kx == 1 ? E[t] : O[t] + (kx == 2)) + j0;
+      const float* w = wk[t] + kx * G * 16;
+      __m512 xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = _mm512_broadcast_f32x4(_mm_loadu_ps(src + 4 * r));
+      for (int m = 0; m < G; ++m) {
+        const __m512 wv = _mm512_loadu_ps(w + m * 16);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(xv[r], wv, acc[r][m]);
+      }
+    }
+  }
+  const __m512i quads = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    const int64_t j = j0 + 4 * r, np = OW - j < 4 ? OW - j : 4;
+    for (int m = 0; m < G; ++m) {
+      const __m512 v = _mm512_permutexvar_ps(quads, relu ? _mm512_max_ps(acc[r][m], zero) : acc[r][m]);
+      float* o = orow + j * (4 * G) + 4 * m;
+      _mm_storeu_ps(o, _mm512_castps512_ps128(v));
+      if (np > 1) _mm_storeu_ps(o + 4 * G, _mm512_extractf32x4_ps(v, 1));
+      if (np > 2) _mm_storeu_ps(o + 8 * G, _mm512_extractf32x4_ps(v, 2));
+      if (np > 3) _mm_storeu_ps(o + 12 * G, _mm512_extractf32x4_ps(v, 3));
+    }
+  }
+}
+
+// Registers: R x G accumulators + R broadcast inputs + 1 weight vector (of 32).
+template <int G>
+constexpr int groups_per_run() {
+  return G == 2 ? 8 : G == 4 ? 5 : 4;
+}
+
+template <int G>
+void stem_rows_512(const float* x, int64_t B, int64_t cin, int64_t H, int64_t W, const float* w16, const float* b16,
+                   bool relu, float* out) {
+  constexpr int R = groups_per_run<G>();
+  const int64_t OH = (H + 1) / 2, OW = (W + 1) / 2, NG = (OW + 3) / 4;
+  const int64_t L = 16 * ((W + 31) / 32) + 32;  // per split row: written part, the last group's reach, O's shift
+  __m512 bias[G];
+  for (int m = 0; m < G; ++m) bias[m] = _mm512_loadu_ps(b16 + m * 16);
+  at::parallel_for(0, B * OH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(static_cast<size_t>(cin * 3 * 2 * L), 0.f);
+    std::vector<const float*> E(cin * 3), O(cin * 3), wk(cin * 3);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t img = t / OH, oy = t % OH;
+      int ntaps = 0;
+      for (int64_t c = 0; c < cin; ++c)
+        for (int ky = 0; ky < 3; ++ky) {
+          const int64_t iy = 2 * oy - 1 + ky;
+          if (iy < 0 || iy >= H) continue;
+          float* e = buf.data() + (c * 3 + ky) * 2 * L;
+          split_columns(x + ((img * cin + c) * H + iy) * W, W, e, e + L);
+          E[ntaps] = e, O[ntaps] = e + L, wk[ntaps] = w16 + (c * 3 + ky) * 3 * G * 16;
+          ++ntaps;
+        }
+      float* orow = out + t * OW * 4 * G;
+      int64_t g = 0;
+      for (; g + R <= NG; g += R) run_quads<G, R>(E.data(), O.data(), wk.data(), ntaps, bias, 4 * g, OW, orow, relu);
+      if constexpr (R >= 4)
+        for (; g + 2 <= NG; g += 2) run_quads<G, 2>(E.data(), O.data(), wk.data(), ntaps, bias, 4 * g, OW, orow, relu);
+      for (; g < NG; ++g) run_quads<G, 1>(E.data(), O.data(), wk.data(), ntaps, bias, 4 * g, OW, orow, relu);
+    }
+  });
+}
+#endif
+
 at::Tensor stem_conv(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& b, bool relu) {
   TORCH_CHECK(x_.dim() == 4 && w.dim() == 4 && b.dim() == 1, "stem_conv: expected x (B, Cin, H, W), w (Cout, Cin, 3, 3), b (Cout)");
   TORCH_CHECK(x_.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
@@ -120,10 +226,27 @@ at::Tensor stem_conv(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
               "stem_conv: weight ", w.sizes(), " and bias ", b.sizes(), " do not fit an input of ", cin, " channels");
   TORCH_CHECK(cout == 8 || cout == 16 || cout == 24, "stem_conv: 8, 16 or 24 output channels, got ", cout);
   const at::Tensor x = x_.contiguous();
-  const at::Tensor wt = w.permute({1, 2, 3, 0}).contiguous();  // (Cin, 3, 3, Cout): a row of Cout per tap
-  const at::Tensor bc = b.contiguous();
   at::Tensor out = at::empty({B, cout, (H + 1) / 2, (W + 1) / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
+#if defined(__AVX512F__) && !defined(STEM_CONV_256)
+  {
+    // (Cin, 3, 3, Cout x 4) and (Cout x 4): every weight and bias four times, once per pixel of a quad
+    const at::Tensor w16 = w.permute({1, 2, 3, 0}).repeat_interleave(4, -1).contiguous();
+    const at::Tensor b16 = b.repeat_interleave(4).contiguous();
+    const float* xp = x.data_ptr<float>();
+    const float* wp = w16.data_ptr<float>();
+    const float* bp = b16.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    switch (cout) {
+      case 8: stem_rows_512<2>(xp, B, cin, H, W, wp, bp, relu, op); break;
+      case 16: stem_rows_512<4>(xp, B, cin, H, W, wp, bp, relu, op); break;
+      default: stem_rows_512<6>(xp, B, cin, H, W, wp, bp, relu, op);
+    }
+    return out;
+  }
+#endif
+  const at::Tensor wt = w.permute({1, 2, 3, 0}).contiguous();  // (Cin, 3, 3, Cout): a row of Cout per tap
+  const at::Tensor bc = b.contiguous();
   const float* xp = x.data_ptr<float>();
   const float* wp = wt.data_ptr<float>();
   const float* bp = bc.data_ptr<float>();
