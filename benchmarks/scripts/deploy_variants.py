@@ -24,8 +24,9 @@ outputs agree. Variants:
 * ``stem-contiguous``: the image turned channels-last by ``contiguous()`` instead of stacking its planes.
 * ``stem-nchw-wcl``: the first stem conv on the NCHW image with a channels-last weight (no separate copy).
 * ``pm-chunks2``, ``pm-chunks4``: patch merging's expansion and depthwise conv in 2 / 4 batch chunks.
-* ``stem-aten``: the stem's first conv and ReLU as ATen ops on a channels-last copy of the image (the deploy form
-  before session 17) instead of the C++ ``stem_conv`` op. A speed-up below 1 is what the kernel buys.
+* ``stem-aten``: the stem's first conv and ReLU without the C++ ``stem_conv`` op: on a channels-last copy of the
+  image, through what ``DeployStem`` picks for a later layer (since session 18 the ``conv3x3_s2`` op for 16 output
+  channels or fewer, else oneDNN; before session 17 it was oneDNN alone). A speed-up below 1 is what the op buys.
 * ``dw-aten``: every depthwise conv through ATen (oneDNN) instead of the C++ ``depthwise_conv`` op (session 17).
 * ``ffn-onednn``: every residual FFN as two oneDNN matmuls, a ReLU and an add instead of the C++ ``residual_ffn``
   op (session 17).
