@@ -229,32 +229,27 @@ at::Tensor stem_conv(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
   at::Tensor out = at::empty({B, cout, (H + 1) / 2, (W + 1) / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
 #if defined(__AVX512F__) && !defined(STEM_CONV_256)
-  {
-    // (Cin, 3, 3, Cout x 4) and (Cout x 4): every weight and bias four times, once per pixel of a quad
-    const at::Tensor w16 = w.permute({1, 2, 3, 0}).repeat_interleave(4, -1).contiguous();
-    const at::Tensor b16 = b.repeat_interleave(4).contiguous();
-    const float* xp = x.data_ptr<float>();
-    const float* wp = w16.data_ptr<float>();
-    const float* bp = b16.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    switch (cout) {
-      case 8: stem_rows_512<2>(xp, B, cin, H, W, wp, bp, relu, op); break;
-      case 16: stem_rows_512<4>(xp, B, cin, H, W, wp, bp, relu, op); break;
-      default: stem_rows_512<6>(xp, B, cin, H, W, wp, bp, relu, op);
-    }
-    return out;
-  }
-#endif
+  // (Cin, 3, 3, Cout x 4) and (Cout x 4): every weight and bias four times, once per pixel of a quad
+  const at::Tensor wt = w.permute({1, 2, 3, 0}).repeat_interleave(4, -1).contiguous();
+  const at::Tensor bc = b.repeat_interleave(4).contiguous();
+#else
   const at::Tensor wt = w.permute({1, 2, 3, 0}).contiguous();  // (Cin, 3, 3, Cout): a row of Cout per tap
   const at::Tensor bc = b.contiguous();
+#endif
   const float* xp = x.data_ptr<float>();
   const float* wp = wt.data_ptr<float>();
   const float* bp = bc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   switch (cout) {
+#if defined(__AVX512F__) && !defined(STEM_CONV_256)
+    case 8: stem_rows_512<2>(xp, B, cin, H, W, wp, bp, relu, op); break;
+    case 16: stem_rows_512<4>(xp, B, cin, H, W, wp, bp, relu, op); break;
+    default: stem_rows_512<6>(xp, B, cin, H, W, wp, bp, relu, op);
+#else
     case 8: stem_rows<1>(xp, B, cin, H, W, wp, bp, relu, op); break;
     case 16: stem_rows<2>(xp, B, cin, H, W, wp, bp, relu, op); break;
     default: stem_rows<3>(xp, B, cin, H, W, wp, bp, relu, op);
+#endif
   }
   return out;
 }
