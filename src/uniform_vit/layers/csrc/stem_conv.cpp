@@ -32,8 +32,9 @@
 namespace {
 
 // Registers: P x NV accumulators + 3 NV weight vectors of one kernel row + 1 broadcast. AVX2 has 16 vector
-// registers; the AVX-512 build (AVX-512VL) addresses 32 of 256 bits, so its runs are longer: 14 / 10 / 6 pixels
-// instead of 10 / 4 / 2. On a Zen 5 EPYC (session 27) the short runs left 24 channels slower than oneDNN.
+// registers; with AVX-512VL 32 of 256 bits are addressable, so runs are longer there: 14 / 10 / 6 pixels instead of
+// 10 / 4 / 2 (on a Zen 5 EPYC the short runs left 24 channels slower than oneDNN, session 27). Shipped AVX-512 builds
+// run stem_rows_512 instead; this blocking serves only the -DSTEM_CONV_256 comparison build there.
 template <int NV>
 constexpr int pixels_per_run() {
 #ifdef __AVX512VL__
