@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session's measurements, as run on a lent NVIDIA H200 (session 16; benchmarks/RESULTS.md, GPU section).
+# One GPU session's measurements: prepared in session 16 for a lent GPU, first run in session 29 on an H100
+# (benchmarks/RESULTS.md, GPU section).
 # Each step has its own time limit, so one failure leaves the others' results; everything lands in $OUT.
 #
 #   OUT=/tmp/gpu bash benchmarks/scripts/gpu_session.sh            (from the repository root, on a CUDA machine)
@@ -35,43 +36,57 @@ step() {  # step NAME SECONDS command...: run with a limit, log it, keep going o
   pack
 }
 
-step env 60 bash -c 'nvidia-smi; python3 -c "import torch, timm, triton, sys; print(sys.version); \
+export UNIFORM_VIT_CPU_KERNELS=0  # everything timed here runs on the GPU: no need to build the C++ CPU ops
+
+step env 30 bash -c 'nvidia-smi; python3 -c "import torch, timm, triton, sys; print(sys.version); \
 print(torch.__version__, torch.version.cuda, timm.__version__, triton.__version__, torch.cuda.get_device_name())"; \
 nproc; free -g'
-step bench_full 240 "${UV[@]}" bench --device cuda --models full --json "$OUT/res/bench_cuda.json" \
+step bench_full 220 "${UV[@]}" bench --device cuda --models full --json "$OUT/res/bench_cuda.json" \
   --csv "$OUT/res/bench_cuda.csv" --plot "$OUT/res/bench_cuda.png"
-step kernel_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py
-step kernel_configs 120 python3 benchmarks/scripts/reuse_gpu_kernel.py --tokens 3136 --channels 64,128,256 \
-  --batch 32 --json "$OUT/res/reuse_gpu_kernel.json"
-step bench_attn 170 "${UV[@]}" bench-attn --device cuda --tokens 49,196,784,3136,4096 --channels 64,128,256 --rounds 5 \
+step kernel_tests 75 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py
+if [ "${KERNEL_CONFIGS:-0}" = 1 ]; then  # each block-size candidate of the Triton kernel on its own (diagnostic)
+  step kernel_configs 120 python3 benchmarks/scripts/reuse_gpu_kernel.py --tokens 3136 --channels 64,128,256 \
+    --batch 32 --json "$OUT/res/reuse_gpu_kernel.json"
+fi
+step bench_attn 100 "${UV[@]}" bench-attn --device cuda --tokens 196,784,3136,4096 --channels 64,128,256 --rounds 5 \
   --json "$OUT/res/attn_cuda.json" --csv "$OUT/res/attn_cuda.csv" --plot "$OUT/res/attn_cuda.png"
 
-# Fashion-MNIST: the CPU recipe (configs/fashion_mnist.yaml) at 112 px, and at 224 px (14x14 tokens after the 16x
-# stem instead of 7x7), side by side on the one GPU, as many epochs as the time left allows (a one-epoch run of each
-# first measures the pace; the cosine schedule needs the epoch count up front).
+# Fashion-MNIST: the CPU recipe (configs/fashion_mnist.yaml) on the GPU for as many epochs as the time left allows,
+# FM_RUNS side by side (IMG:SEED each; default the CPU hour's 112 px with seeds 0 and 1, so the result extends the
+# CPU series with more epochs). A one-epoch run of each first measures the pace; the cosine schedule needs the
+# epoch count up front, and all runs get the count the slowest allows. FM_EXTRA: more train flags (a smoke test on
+# a CPU: FM_EXTRA='--train-samples 1024 --val-samples 512 --workers 0').
+FM_RUNS=${FM_RUNS:-112:0 112:1}
 DATA=()
 [ -d .fmnist ] && DATA=(--data-dir .fmnist)
-train() {  # train TAG IMG EPOCHS OUTDIR: stopped 15 s before the deadline at the latest (partial metrics stay)
-  timeout $(( $(left) - 15 )) "${UV[@]}" train --config configs/fashion_mnist.yaml "${DATA[@]}" --img-size "$2" \
-    --epochs "$3" --workers 7 --val-every 5 --no-progress --output "$4"
+train() {  # train IMG SEED EPOCHS OUTDIR [FLAG...]: stopped 15 s before the deadline at the latest (partial metrics stay)
+  local img=$1 seed=$2 epochs=$3 dir=$4; shift 4
+  timeout $(( $(left) - 15 )) "${UV[@]}" train --config configs/fashion_mnist.yaml "${DATA[@]}" --img-size "$img" \
+    --seed "$seed" --epochs "$epochs" --workers 6 --val-every 5 --no-progress --output "$dir" ${FM_EXTRA:-} "$@"
 }
-waitpack() { while [ -n "$(jobs -rp)" ]; do sleep 15; pack; done; wait; }
+waitpack() { while [ -n "$(jobs -rp)" ]; do sleep 10; pack; done; wait; }
 if [ "$(left)" -gt 90 ]; then
   c0=$(date +%s)
-  train cal112 112 1 /tmp/cal112 > "$OUT/res/cal112.log" 2>&1 &
-  train cal224 224 1 /tmp/cal224 > "$OUT/res/cal224.log" 2>&1 &
+  for r in $FM_RUNS; do train "${r%%:*}" "${r##*:}" 1 "/tmp/cal_${r/:/_s}" --no-aug-epochs 0 > "$OUT/res/cal_${r/:/_s}.log" 2>&1 & done
   waitpack
-  per=$(( $(date +%s) - c0 ))  # one epoch + evaluation + start-up of the slower run, both running
+  per=$(( $(date +%s) - c0 ))  # start-up + one epoch + evaluation of the slowest run, all running
+  # the slowest run's epoch (metrics.csv's epoch_seconds): the rest of `per` is start-up and evaluation, paid once
+  ep=$(for r in $FM_RUNS; do tail -n 1 "/tmp/cal_${r/:/_s}/metrics.csv" 2>/dev/null | cut -d, -f9; done \
+       | sort -g | tail -n 1)
+  ep=${ep:-$per}
   avail=$(( $(left) - 25 ))
-  epochs=$(( avail / (per > 1 ? per : 1) ))
-  echo "=== calibration: ${per}s for one epoch of both runs side by side; ${avail}s left -> $epochs epochs"
-  tail -n 3 "$OUT/res/cal112.log" "$OUT/res/cal224.log"
-  if [ "$epochs" -ge 3 ]; then
-    train fm112 112 "$epochs" "$OUT/res/fm112" > "$OUT/res/fm112.log" 2>&1 &
-    train fm224 224 "$epochs" "$OUT/res/fm224" > "$OUT/res/fm224.log" 2>&1 &
+  epochs=$(python3 -c "print(int(0.9 * max(0, $avail - max(0, $per - $ep)) / max(1.0, $ep)))")
+  echo "=== calibration: ${per}s for start-up + one epoch side by side (epoch ${ep}s); ${avail}s left -> $epochs epochs"
+  tail -n 3 "$OUT"/res/cal_*.log
+  if [ "$epochs" -ge 8 ]; then  # the recipe ends with 6 plain epochs
+    for r in $FM_RUNS; do
+      t="fm${r/:/_s}"
+      train "${r%%:*}" "${r##*:}" "$epochs" "$OUT/res/$t" > "$OUT/res/$t.log" 2>&1 &
+    done
     waitpack
-    tail -n 4 "$OUT/res/fm112.log" "$OUT/res/fm224.log"
-    for t in fm112 fm224; do
+    for r in $FM_RUNS; do
+      t="fm${r/:/_s}"
+      tail -n 4 "$OUT/res/$t.log"
       [ -f "$OUT/res/$t/model_last.safetensors" ] && mv "$OUT/res/$t/model_last.safetensors" "$OUT/$t.safetensors"
       rm -f "$OUT/res/$t/checkpoint.pth" "$OUT/res/$t/model_best.safetensors"
     done
