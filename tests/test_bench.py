@@ -331,11 +331,35 @@ def test_repeat_runs_in_fresh_processes_and_combines(tmp_path):
     json.dumps(out)
 
 
+def test_op_profile_ranks_operators_by_self_time():
+    from uniform_vit.bench.profile import OTHER, format_profile, op_profile
+
+    a, small = torch.randn(384, 384), torch.randn(8)
+
+    def call():
+        for _ in range(3):
+            a.mm(a)  # the heavy one, three times a call
+        return small.relu().sum()
+
+    prof = op_profile(call, calls=2, top=1)
+    assert prof['calls'] == 2 and prof['ops'] >= 3 and prof['ms'] > 0
+    (mm, rest) = prof['top']
+    assert mm['op'] == 'aten::mm' and mm['count'] == 3 and mm['share'] > 0.5
+    assert rest['op'] == OTHER and rest['share'] == pytest.approx(1 - mm['share'], abs=2e-4)
+    assert mm['ms'] == pytest.approx(mm['share'] * prof['ms'], rel=0.02)
+    assert len(op_profile(call, top=50)['top']) == prof['ops']  # everything listed: no rest entry
+    lines = format_profile('m', prof, timed_ms=1.0)
+    assert lines[0].startswith('m: ') and 'aten::mm x3' in lines[1] and OTHER in lines[2]
+    with pytest.raises(UserError):
+        op_profile(call, calls=0)
+
+
 def test_settings_defaults_and_errors():
     s = resolve_settings(BenchSettings(models=['uniform_t']))
     assert s.batch_size == 16 and s.threads == 1 and not s.amp and s.rewarm == 1
     for bad in (dict(batch_size=0), dict(threads=0), dict(backend='tensorrt'), dict(int8=True),
-                dict(device='tpu'), dict(img_size=8), dict(rewarm=-1), dict(repeat=0)):
+                dict(device='tpu'), dict(img_size=8), dict(rewarm=-1), dict(repeat=0), dict(profile=-1),
+                dict(profile=3, backend='onnxruntime')):
         with pytest.raises(UserError):
             resolve_settings(BenchSettings(models=['uniform_t'], **bad))
 
@@ -365,6 +389,8 @@ def _main(capsys, *args: str) -> tuple[int, str]:
     (['--warmup', 'two'], 'expected a whole number'),
     (['--repeat', '0'], 'must be at least 1'),
     (['--int8'], '--int8 needs --backend onnxruntime'),
+    (['--profile', '0'], 'must be at least 1'),
+    (['--profile', '--backend', 'onnxruntime'], 'ort_profile.py'),
     (['--models', 'nonexistent_*'], 'matches no model'),
     (['--full', '--models', 'uniform_t'], 'name different model sets'),
     (['--quick', '--json', '/nonexistent/dir/b.json'], 'does not exist'),
@@ -381,11 +407,19 @@ def test_cli_quick_run_writes_json_csv_plot(tmp_path):
     out = tmp_path / 'b.json'
     p = _cli('--models', 'uniform_t,efficientvit_m0', '--img-size', '64', '--batch-size', '2', '--rounds', '1',
              '--warmup', '0', '--no-latency', '--json', str(out), '--csv', str(tmp_path / 'b.csv'),
-             '--plot', str(tmp_path / 'b.png'))
+             '--plot', str(tmp_path / 'b.png'), '--profile', '3')
     assert p.returncode == 0, p.stderr
     assert 'uniform_t' in p.stdout and 'efficientvit_m0' in p.stdout
     data = json.loads(out.read_text())
     assert [r['model'] for r in data['rows']] == ['uniform_t', 'efficientvit_m0']
+    # --profile: each model's three costliest operators and the rest, as JSON and as a section of the printout
+    assert 'Where the time goes' in p.stdout
+    for r in data['rows']:
+        prof = r['profile']
+        assert [e['op'] for e in prof['top']][-1] == '(other ops)' and len(prof['top']) == 4
+        assert sum(e['share'] for e in prof['top']) == pytest.approx(1.0, abs=2e-3)
+        assert prof['top'][0]['share'] >= prof['top'][1]['share'] >= prof['top'][2]['share']
+        assert f"{r['model']}: " in p.stdout and prof['top'][0]['op'] in p.stdout
     assert (tmp_path / 'b.csv').read_text().splitlines()[0].startswith('model,params_m,gmacs')
     assert (tmp_path / 'b.png').read_bytes()[:4] == b'\x89PNG'
 

@@ -22,7 +22,7 @@ from uniform_vit.layers import cpu_kernels
 from uniform_vit.layers.attention import reuse_attention
 from uniform_vit.layers.conv import FFN, DepthwiseConv2d, Residual, ResidualFFN, SameConv2d, aten_only, make_conv
 from uniform_vit.layers.fuse import reparameterize
-from uniform_vit.models.uniform import DeployPatchMerging
+from uniform_vit.models.uniform import DeployPatchMerging, _avx512
 
 HAS_TOOLS = bool(shutil.which('c++') or shutil.which('g++')) and bool(shutil.which('ninja'))
 ISA_OK = torch.backends.cpu.get_cpu_capability() in ('AVX512', 'AVX2')
@@ -232,12 +232,12 @@ def test_deploy_stem_uses_the_kernel_where_it_may(name, in_chans, stem_op):
     model = _trained_looking(timm.create_model(name, in_chans=in_chans, num_classes=10).eval())
     deploy = reparameterize(model)
     stem = deploy.patch_embed
-    x = torch.randn(3, in_chans, 64, 72)
+    x = torch.randn(4, in_chans, 64, 72)
     with torch.no_grad():
         ref = model(x)
         with OpLog() as log:
             out = deploy(x)
-        assert log.ops.count('uniform_vit.stem_conv') == 2  # the batch goes through in two chunks
+        assert log.ops.count('uniform_vit.stem_conv') == stem.batch_chunks()  # once per batch chunk (2, or 4)
         assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
         stem.stem_kernel = False
         with OpLog() as log:
@@ -685,13 +685,15 @@ def test_deploy_stem_and_patch_merging_use_the_kernels_where_they_may():
     deploy = reparameterize(model)
     stem, pms = deploy.patch_embed, [m for m in deploy.modules() if isinstance(m, DeployPatchMerging)]
     assert len(pms) == 2 and all(pm.fuse() is pm for pm in pms)
-    x = torch.randn(3, 3, 64, 72)
+    x = torch.randn(4, 3, 64, 72)
     with torch.no_grad():
         ref = model(x)
         with OpLog() as log:
             out = deploy(x)
-        # two batch chunks x the narrow conv (16 outputs); the 32- and 64-wide ones stay with oneDNN
-        assert log.ops.count('uniform_vit.conv3x3_s2') == 2 and log.ops.count('uniform_vit.expand_dw') == 2
+        # each batch chunk x the narrow conv (16 outputs); the 32- and 64-wide ones too where the ops are AVX-512
+        layers = 3 if _avx512() else 1
+        assert log.ops.count('uniform_vit.conv3x3_s2') == stem.batch_chunks() * layers
+        assert log.ops.count('uniform_vit.expand_dw') == 2
         assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
         stem.conv_kernel = False
         for pm in pms:

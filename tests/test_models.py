@@ -3,10 +3,12 @@
 import pytest
 import timm
 import torch
+import torch.nn as nn
 
 from conftest import randomize_bn
 from uniform_vit import reparameterize
 from uniform_vit.layers.fuse import count_batchnorms
+from uniform_vit.models.uniform import DeployStem, _avx512
 
 MODELS = timm.list_models('uniform_*')
 ATTN = ['reuse', 'mha']
@@ -171,10 +173,29 @@ def test_deploy_stem_channels_last_copy(shape):
     assert _to_channels_last(nc).data_ptr() == nc.data_ptr()
 
 
+def test_deploy_stem_defaults_follow_the_vector_isa(monkeypatch):
+    import uniform_vit.models.uniform as um
+
+    widths = {name: [(c.in_channels, c.out_channels) for c in list(reparameterize(
+        timm.create_model(name).eval()).patch_embed)[2::2]] for name in ('uniform_t', 'uniform_s', 'uniform_l')}
+    assert widths == {'uniform_t': [(8, 16), (16, 32), (32, 64)], 'uniform_s': [(16, 32), (32, 64), (64, 128)],
+                      'uniform_l': [(24, 48), (48, 96), (96, 192)]}
+    stem = DeployStem()
+    for avx512, chunks, takes in ((False, 2, {(8, 16)}), (True, 4, {(8, 16), (16, 32), (32, 64)})):
+        monkeypatch.setattr(um, '_avx512', lambda v=avx512: v)
+        assert stem.batch_chunks() == chunks
+        for w in sum(widths.values(), []):  # L's 24 -> 48 stays with oneDNN: 24 inputs are not whole 16-vectors
+            assert stem._conv_op_width(nn.Conv2d(w[0], w[1], 3, 2, 1)) == (w in takes), (avx512, w)
+        stem.chunks, stem.conv_kernel_max_out = 3, 48  # set explicitly: the same on every ISA
+        assert stem.batch_chunks() == 3 and stem._conv_op_width(nn.Conv2d(24, 48, 3)) and \
+            not stem._conv_op_width(nn.Conv2d(32, 64, 3))
+        stem.chunks = stem.conv_kernel_max_out = None
+
+
 def test_deploy_stem_chunks_are_exact_and_trace_safe():
     model = reparameterize(randomize_bn(timm.create_model('uniform_t', num_classes=10)).eval())
     stem = model.patch_embed
-    assert stem.chunks == 2
+    assert stem.chunks is None and stem.batch_chunks() == (4 if _avx512() else 2)  # the ISA's default
     x = torch.randn(5, 3, 64, 64)
     with torch.no_grad():
         stem.chunks = 1

@@ -35,9 +35,12 @@ outputs agree. Variants:
 * ``stem3x3-aten``: the stem's second to fourth convs (3x3, stride 2) and their ReLUs as ATen ops (oneDNN) instead
   of the C++ ``conv3x3_s2`` op (session 18).
 * ``stem3x3-all``: the C++ ``conv3x3_s2`` op for every stem conv after the first, not only those with at most
-  ``DeployStem.conv_kernel_max_out`` (32) output channels (session 18).
-* ``stem3x3-max16``: the same op only for stem convs with at most 16 output channels (uniform_t's second).
-* ``stem-chunks1``, ``stem-chunks4``: the deploy stem on the whole batch at once / in four parts instead of two.
+  ``DeployStem``'s width rule (16 outputs; on AVX-512 also up to 64 with a whole number of 16-float input vectors,
+  session 29).
+* ``stem3x3-max16``, ``stem3x3-maxN``: the same op only for stem convs with at most 16 (N) output channels.
+* ``stem-chunks1``, ``stem-chunks2``, ``stem-chunks4``, ``stem-chunks8``, ``stem-chunks16``: the deploy stem on the
+  whole batch at once / in 2, 4, 8 or 16 parts instead of the ISA's default (2; 4 on AVX-512 since session 29; 16
+  at batch 16 is one image at a time, whose first conv's 8-channel output, 0.4 MB, fits a 1 MB L2).
 * ``pm-separate``: patch merging's expansion, ReLU, stride-2 depthwise conv and ReLU as separate layers instead of
   the C++ ``expand_dw`` op (session 18).
 * ``se-timm``: patch merging's squeeze-excite as timm's module (1x1 convs and a multiply on 1x1 maps) instead of
@@ -111,7 +114,7 @@ def _pm_postops(self: PatchMerging, x: torch.Tensor) -> torch.Tensor:
 
 def _in_parts(stem: DeployStem, x: torch.Tensor, part) -> torch.Tensor:
     """``part`` on each of the deploy stem's batch chunks, concatenated (as ``DeployStem.forward`` does)."""
-    return torch.cat([part(p) for p in x.tensor_split(stem.chunks)])
+    return torch.cat([part(p) for p in x.tensor_split(stem.batch_chunks())])
 
 
 def _stem_postops(self: DeployStem, x: torch.Tensor) -> torch.Tensor:
@@ -310,10 +313,10 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         stem.conv_kernel = False
     elif variant == 'stem3x3-all':
         stem.conv_kernel_max_out = 1 << 30
-    elif variant in ('stem-chunks1', 'stem-chunks4'):
-        stem.chunks = int(variant[-1])
-    elif variant == 'stem3x3-max16':
-        stem.conv_kernel_max_out = 16
+    elif variant in ('stem-chunks1', 'stem-chunks2', 'stem-chunks4', 'stem-chunks8', 'stem-chunks16'):
+        stem.chunks = int(variant[len('stem-chunks'):])
+    elif variant.startswith('stem3x3-max') and variant[len('stem3x3-max'):].isdigit():
+        stem.conv_kernel_max_out = int(variant[len('stem3x3-max'):])
     elif variant == 'dw-aten':
         _patch(model, DepthwiseConv2d, _dw_aten)
     else:
@@ -325,7 +328,8 @@ VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'ste
             'linear-relu', 'linear-relu-add', 'stem-contiguous', 'stem-nchw-wcl', 'pm-chunks2', 'pm-chunks4',
             'stem-aten', 'dw-aten', 'prepacked1x1', 'ffn-onednn', 'pw-onednn', 'stem3x3-aten',
             'stem3x3-all', 'pm-separate', 'se-timm', 'dw-slices-aten',
-            'dw-full-taps', 'stem3x3-max16', 'stem-chunks1', 'stem-chunks4',
+            'dw-full-taps', 'stem3x3-max16', 'stem-chunks1', 'stem-chunks2', 'stem-chunks4', 'stem-chunks8',
+            'stem-chunks16',
             'unpacked')
 
 

@@ -60,6 +60,7 @@ class BenchSettings:
     rewarm: int = 1  # untimed calls of a model right before its timed one in each round (steady state; harness doc)
     latency_rounds: int = 10  # batch-1 latency rounds; 0 skips them
     repeat: int = 1  # >1: the whole measurement again in that many fresh processes, medians across them
+    profile: int = 0  # >0: after the timing, torch.profiler over the timed call; this many top operators per model
     model_set: str = 'custom'
 
 
@@ -83,6 +84,14 @@ def resolve_settings(s: BenchSettings) -> BenchSettings:
         raise UserError("--int8 needs --backend onnxruntime")
     if s.backend == 'onnxruntime' and s.device != 'cpu':
         raise UserError("--backend onnxruntime runs on the CPU only here; drop --device")
+    if s.profile < 0:
+        raise UserError(f"profile must be a number of operators >= 1 (or 0 for none), got {s.profile}")
+    if s.profile and s.device != 'cpu':
+        raise UserError("--profile reads CPU operator times; on a GPU use torch.profiler with CUDA activity or "
+                        "Nsight Systems")
+    if s.profile and s.backend == 'onnxruntime':
+        raise UserError("--profile sees onnxruntime as one opaque call; use benchmarks/scripts/ort_profile.py "
+                        "(onnxruntime's own profiler) instead")
     cuda = s.device.startswith('cuda')
     if s.batch_size is None:
         s.batch_size = 2048 if cuda else 16
@@ -392,9 +401,20 @@ def _run(s: BenchSettings, progress: Callable[[str, int, int], None]) -> dict:
             lat = interleaved_timing({p.name: p.call_b1 for p in prepared}, s.latency_rounds, s.warmup,
                                      device=s.device, rewarm=s.rewarm,
                                      on_round=lambda r: progress('batch-1 latency', s.rounds + r + 1, total))
+        profiles = {}
+        if s.profile:
+            from .profile import op_profile
+
+            for i, p in enumerate(prepared):
+                progress(f'profiling {p.name}', i, len(prepared))
+                with quiet():  # the profiler's start/stop lines on stderr
+                    profiles[p.name] = op_profile(p.call, top=s.profile)
     peak_by_model = {p.name: times.pop(PEAK_NAME + ' ' + p.name) for p in prepared}
     peak_times = [min(ts) for ts in zip(*peak_by_model.values())]  # per round: the probe at its least disturbed
     rows = [_row(p, times[p.name], peak_by_model[p.name], peak_flops, lat.get(p.name), s) for p in prepared]
+    for r in rows:
+        if r['model'] in profiles:
+            r['profile'] = profiles[r['model']]
     pairs = peer_pairs(times, {p.name: p.batch_size for p in prepared})
     for r in rows:
         pr = next((p for p in pairs if p['model'] == r['model']), None)

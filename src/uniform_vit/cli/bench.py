@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='run the whole measurement N times, each in a fresh process, and report medians across them '
                         '(a paired ratio moves a few %% between processes; default 1)')
     p.add_argument('--no-latency', action='store_true', help='skip the batch-1 latency rounds')
+    p.add_argument('--profile', type=positive_int, nargs='?', const=8, default=0, metavar='N',
+                   help='after the timing, where each model spends its time: torch.profiler over the timed call, '
+                        'the N operators with the most self time (default N: 8; CPU backends eager/jit/compile)')
     p.add_argument('--json', metavar='PATH', help="write the result as JSON ('-' for stdout, no table)")
     p.add_argument('--csv', metavar='PATH', help='write the rows as CSV')
     p.add_argument('--plot', metavar='PATH', help='PNG: published top-1 against measured img/s')
@@ -67,7 +70,8 @@ def settings_from_args(args: argparse.Namespace):
         models=models, device=args.device, backend=args.backend, threads=args.threads, batch_size=args.batch_size,
         img_size=args.img_size, channels_last=args.channels_last, fused=not args.no_fuse, int8=args.int8,
         amp=False if args.no_amp else None, rounds=rounds, warmup=warmup, rewarm=args.rewarm,
-        repeat=args.repeat, latency_rounds=0 if args.no_latency else rounds, model_set=model_set)
+        repeat=args.repeat, latency_rounds=0 if args.no_latency else rounds, model_set=model_set,
+        profile=args.profile)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,6 +123,15 @@ def run(args: argparse.Namespace) -> int:
             else:
                 console.print(f"  {p['model']} is {p['speedup']:.2f}x {p['peer']} "
                               f"(median of per-round ratios, spread {100 * p['speedup_spread']:.0f}%)")
+        profiled = [r for r in result['rows'] if r.get('profile')]
+        if profiled:
+            from ..bench.profile import format_profile
+
+            console.print(f"\n[bold]Where the time goes[/] (torch.profiler, operator self time, batch {s.batch_size}, "
+                          f"{s.threads} thread(s){', first process' if s.repeat > 1 else ''}):")
+            for r in profiled:
+                for line in format_profile(r['model'], r['profile'], r['ms_per_batch']):
+                    console.print(line, markup=False, highlight=False)
     write_outputs(result, args.json, args.csv, args.plot, ROW_FIELDS, plot_top1_vs_throughput)
     return 0
 

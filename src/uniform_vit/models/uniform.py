@@ -17,6 +17,8 @@ A three-stage hierarchical network on EfficientViT-M's skeleton::
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -92,12 +94,29 @@ class DeployStem(nn.Sequential):
     feature maps stay in cache for the next conv. Two parts made the fused, traced uniform_t about 3 % and uniform_s
     about 5 % faster at batch 16 on one thread (interleaved A/B against A/A controls), 7-14 % at batch 64; four or
     eight parts gained less (benchmarks/RESULTS.md). Same outputs up to float rounding (oneDNN may pick other kernels
-    for the smaller batches)."""
+    for the smaller batches). On CPUs with AVX-512 four parts: on a Zen 5 EPYC they made uniform_s/m/l 1-3 % faster
+    than two and uniform_t about 1 % (session 29).
 
-    chunks = 2
+    The C++ 3x3 stride-2 conv (``conv3x3_s2``) takes the later layers up to ``conv_kernel_max_out`` outputs (16 by
+    default: on an AVX2 Zen 3 oneDNN was as fast or faster for wider ones). Where the ops are built for AVX-512 it also
+    takes layers of up to 64 outputs whose input width is a whole number of 16-float vectors: on the Zen 5 that made
+    uniform_t 1.5-2.8 % faster (its 16 -> 32 and 32 -> 64 convs), tied for uniform_s/m, and cost uniform_l 2.4-3.4 %
+    when its 24 -> 48 conv took the op too (benchmarks/RESULTS.md, section 1, session 29)."""
+
+    chunks: int | None = None  # None: 4 on AVX-512 CPUs, else 2
     stem_kernel = True
     conv_kernel = True
-    conv_kernel_max_out = 16  # the C++ 3x3 conv for layers this narrow only; oneDNN is as fast or faster for wider
+    conv_kernel_max_out: int | None = None  # None: 16, and the AVX-512 rule above; a number: that width, any ISA
+
+    def batch_chunks(self) -> int:
+        """How many parts a CPU batch goes through in (``chunks``, or the ISA's default)."""
+        return self.chunks if self.chunks is not None else 4 if _avx512() else 2
+
+    def _conv_op_width(self, conv: nn.Conv2d) -> bool:
+        """Whether the C++ 3x3 op should take this layer, by its widths (see the class doc)."""
+        if self.conv_kernel_max_out is not None:
+            return conv.out_channels <= self.conv_kernel_max_out
+        return conv.out_channels <= 16 or (_avx512() and conv.out_channels <= 64 and conv.in_channels % 16 == 0)
 
     def _first_layer_op(self, x: torch.Tensor):
         """The C++ first conv + ReLU, or None where it does not apply."""
@@ -112,7 +131,7 @@ class DeployStem(nn.Sequential):
 
     def _conv_op(self, conv: nn.Module, x: torch.Tensor):
         """The C++ 3x3 stride-2 conv (+ ReLU) for a later layer, or None where it does not apply."""
-        if not (self.conv_kernel and type(conv) is nn.Conv2d and conv.out_channels <= self.conv_kernel_max_out
+        if not (self.conv_kernel and type(conv) is nn.Conv2d and self._conv_op_width(conv)
                 and conv.kernel_size == (3, 3)
                 and conv.stride == (2, 2) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
                 and conv.padding_mode == 'zeros' and deploy_op_may_run(x, conv.weight)):
@@ -143,9 +162,16 @@ class DeployStem(nn.Sequential):
             # an ONNX graph has no memory formats: the channels-last code paths downstream would only add Transpose
             # nodes, and onnxruntime picks its own blocked conv layout from plain NCHW
             return super().forward(x)
-        if self.chunks > 1 and x.device.type == 'cpu' and x.shape[0] > 1:
-            return torch.cat([self._run(part) for part in x.tensor_split(self.chunks)])
+        chunks = self.batch_chunks()
+        if chunks > 1 and x.device.type == 'cpu' and x.shape[0] > 1:
+            return torch.cat([self._run(part) for part in x.tensor_split(chunks)])
         return self._run(x)
+
+
+@functools.cache
+def _avx512() -> bool:
+    """True where PyTorch (and so this library's C++ ops) runs its AVX-512 code."""
+    return torch.backends.cpu.get_cpu_capability().startswith('AVX512')
 
 
 def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
