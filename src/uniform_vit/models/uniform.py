@@ -18,7 +18,6 @@ A three-stage hierarchical network on EfficientViT-M's skeleton::
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
