@@ -206,6 +206,15 @@ def test_deploy_stem_chunks_are_exact_and_trace_safe():
         assert 'tensor_split' in str(traced.patch_embed.graph)  # the split is in the trace, not unrolled by size
         for b in (1, 3, 5):  # other batch sizes, including odd ones and a single image
             assert torch.allclose(traced(x[:b]), whole[:b], atol=1e-5)
+        # fewer images than parts (empty parts) still leave the stem's map channels-last, eager and traced
+        stem.chunks = 4
+        traced4 = torch.jit.trace(model.patch_embed, x[:4], check_trace=False)
+        for b in (1, 2, 3):
+            for run in (stem, traced4):
+                y = run(x[:b])
+                assert y.is_contiguous(memory_format=torch.channels_last) and (b == 1 or not y.is_contiguous()), b
+            assert torch.allclose(model(x[:b]), whole[:b], atol=1e-5)
+        stem.chunks = 2
         single = torch.jit.trace(model, x[:1], check_trace=False)
         assert 'tensor_split' not in str(single.patch_embed.graph)  # a batch-1 trace does not split
         assert torch.allclose(single(x), whole, atol=1e-5)

@@ -163,7 +163,11 @@ class DeployStem(nn.Sequential):
             return super().forward(x)
         chunks = self.batch_chunks()
         if chunks > 1 and x.device.type == 'cpu' and x.shape[0] > 1:
-            return torch.cat([self._run(part) for part in x.tensor_split(chunks)])
+            # fewer images than parts leaves empty parts, whose (both-layouts) outputs would make torch.cat return
+            # NCHW memory and send every layer downstream off its channels-last path: keep the layout explicitly
+            # (no copy when the parts agree)
+            out = torch.cat([self._run(part) for part in x.tensor_split(chunks)])
+            return out.contiguous(memory_format=torch.channels_last)
         return self._run(x)
 
 
