@@ -92,9 +92,10 @@ class DeployStem(nn.Sequential):
     stays valid at every batch size; one traced at batch 1 just never splits): each part's input copy and large early
     feature maps stay in cache for the next conv. Two parts made the fused, traced uniform_t about 3 % and uniform_s
     about 5 % faster at batch 16 on one thread (interleaved A/B against A/A controls), 7-14 % at batch 64; four or
-    eight parts gained less (benchmarks/RESULTS.md). Same outputs up to float rounding (oneDNN may pick other kernels
-    for the smaller batches). On CPUs with AVX-512 four parts: on a Zen 5 EPYC they made uniform_s/m/l 1-3 % faster
-    than two and uniform_t about 1 % (session 29).
+    eight parts gained less then, with ATen's convs (benchmarks/RESULTS.md, session 6). Same outputs up to float
+    rounding (oneDNN may pick other kernels for the smaller batches). On CPUs with AVX-512 the default is now four
+    parts: with the C++ ops they made uniform_s/m/l 1-3 % faster than two on a Zen 5 EPYC and uniform_t about 1 %
+    (session 29). A batch with fewer images than parts (empty parts) still comes out channels-last.
 
     The C++ 3x3 stride-2 conv (``conv3x3_s2``) takes the later layers up to ``conv_kernel_max_out`` outputs (16 by
     default: on an AVX2 Zen 3 oneDNN was as fast or faster for wider ones). Where the ops are built for AVX-512 it also
