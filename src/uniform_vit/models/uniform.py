@@ -174,8 +174,8 @@ class DeployStem(nn.Sequential):
 
 @functools.cache
 def _avx512() -> bool:
-    """True where PyTorch (and so this library's C++ ops) runs its AVX-512 code."""
-    return torch.backends.cpu.get_cpu_capability().startswith('AVX512')
+    """True where PyTorch (and so this library's C++ ops, built for the same key) runs its AVX-512 code."""
+    return torch.backends.cpu.get_cpu_capability() == 'AVX512'
 
 
 def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
