@@ -35,8 +35,8 @@ outputs agree. Variants:
 * ``stem3x3-aten``: the stem's second to fourth convs (3x3, stride 2) and their ReLUs as ATen ops (oneDNN) instead
   of the C++ ``conv3x3_s2`` op (session 18).
 * ``stem3x3-all``: the C++ ``conv3x3_s2`` op for every stem conv after the first, not only those with at most
-  ``DeployStem``'s width rule (16 outputs; on AVX-512 also up to 64 with a whole number of 16-float input vectors,
-  session 29).
+  ``DeployStem``'s width rule (16 outputs; on AVX-512 since session 30 every width, so there this is the shipped
+  form).
 * ``stem3x3-max16``, ``stem3x3-maxN``: the same op only for stem convs with at most 16 (N) output channels.
 * ``stem-chunks1``, ``stem-chunks2``, ``stem-chunks4``, ``stem-chunks8``, ``stem-chunks16``: the deploy stem on the
   whole batch at once / in 2, 4, 8 or 16 parts instead of the ISA's default (2; 4 on AVX-512 since session 29; 16

@@ -98,15 +98,16 @@ class DeployStem(nn.Sequential):
     (session 29). A batch with fewer images than parts (empty parts) still comes out channels-last.
 
     The C++ 3x3 stride-2 conv (``conv3x3_s2``) takes the later layers up to ``conv_kernel_max_out`` outputs (16 by
-    default: on an AVX2 Zen 3 oneDNN was as fast or faster for wider ones). Where the ops are built for AVX-512 it also
-    takes layers of up to 64 outputs whose input width is a whole number of 16-float vectors: on the Zen 5 that made
-    uniform_t 1.5-2.8 % faster (its 16 -> 32 and 32 -> 64 convs), tied for uniform_s/m, and cost uniform_l 2.4-3.4 %
-    when its 24 -> 48 conv took the op too (benchmarks/RESULTS.md, section 1, session 29)."""
+    default: on an AVX2 Zen 3 oneDNN was as fast or faster for wider ones). Where the ops are built for AVX-512 it
+    takes every later layer: on a Zen 5 EPYC, once the op split each row of output pixels into register blocks of
+    equal size (session 30), all three convs through it made uniform_s 1.9-2.0 %, uniform_m 0.8 % and uniform_l
+    0.7-1.0 % faster than the session-29 rule (up to 64 outputs with whole 16-float input vectors), which uniform_t
+    meets anyway (benchmarks/RESULTS.md, section 1)."""
 
     chunks: int | None = None  # None: 4 on AVX-512 CPUs, else 2
     stem_kernel = True
     conv_kernel = True
-    conv_kernel_max_out: int | None = None  # None: 16, and the AVX-512 rule above; a number: that width, any ISA
+    conv_kernel_max_out: int | None = None  # None: 16, or any width with AVX-512; a number: that width, any ISA
 
     def batch_chunks(self) -> int:
         """How many parts a CPU batch goes through in (``chunks``, or the ISA's default)."""
@@ -116,7 +117,7 @@ class DeployStem(nn.Sequential):
         """Whether the C++ 3x3 op should take this layer, by its widths (see the class doc)."""
         if self.conv_kernel_max_out is not None:
             return conv.out_channels <= self.conv_kernel_max_out
-        return conv.out_channels <= 16 or (_avx512() and conv.out_channels <= 64 and conv.in_channels % 16 == 0)
+        return conv.out_channels <= 16 or _avx512()
 
     def _first_layer_op(self, x: torch.Tensor):
         """The C++ first conv + ReLU, or None where it does not apply."""

@@ -12,8 +12,10 @@
 // border (the first column, the last when W is odd) go one at a time over their in-range taps only; rows at the top
 // and bottom drop their out-of-range kernel rows. On an AVX2 Zen 3 this ran uniform_t's second stem conv (8 -> 16
 // channels) 1.27x as fast as oneDNN and the fused, traced uniform_t about 1 % faster, but the wider convs of
-// uniform_s/m/l 0.78-0.99x, so the deploy stem uses it for 16 outputs or fewer (benchmarks/RESULTS.md, section 1,
-// session 18).
+// uniform_s/m/l 0.78-0.99x, so the deploy stem uses it for 16 outputs or fewer there (benchmarks/RESULTS.md,
+// section 1, session 18). A row's interior pixels go in register blocks of equal size (gemm_tile_even): on a Zen 5
+// (AVX-512) that ran these convs 1.12-1.43x faster than blocks of 12 with a short rest, and the deploy stem uses the
+// op for every later conv there (session 30).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,6 +31,7 @@ namespace {
 
 using uniform_vit_tile::Epi;
 using uniform_vit_tile::gemm_tile;
+using uniform_vit_tile::gemm_tile_even;
 using uniform_vit_tile::Segments;
 
 template <Epi E>
@@ -48,8 +51,8 @@ void conv_row(const float* X, int64_t H, int64_t W, int64_t cin, const float* wt
       sg.boff[sg.n] = ky * 3 * cin * cout;
       ++sg.n;
     }
-    gemm_tile<E>(X + (2 * 1 - 1) * cin, 2 * cin, ox1 - 1, sg, 3 * cin, wt, cout, cout, bias, nullptr, 0,
-                 out + 1 * cout, cout);
+    gemm_tile_even<E>(X + (2 * 1 - 1) * cin, 2 * cin, ox1 - 1, sg, 3 * cin, wt, cout, cout, bias, out + 1 * cout,
+                      cout);
   }
   // border pixels: column 0, and those from ox1 on (the last one when W is odd)
   for (int64_t ox = 0; ox < Wo; ox = (ox == 0 ? std::max<int64_t>(ox1, 1) : ox + 1)) {

@@ -130,6 +130,44 @@ void gemm_tile(const float* a, int64_t lda, int64_t M, const Segments& sg, int64
   }
 }
 
+// gemm_tile with the M rows cut into ceil(M / R) blocks of as equal a size as can be (55 rows: five of 11, not four
+// of 12, one of 6 and one of 1): a block of few rows has few independent accumulator chains and waits on the FMA
+// latency. The stride-2 convs' rows of 13-55 output pixels run 1.13-1.4x faster so on AVX-512 (session 30). The
+// products over whole tiles of 8 R rows (the FFN, the 1x1 convs) keep gemm_tile: built with this one in their
+// translation units they ran 3-13 % slower, though their blocks are the same (the compiler inlines differently).
+template <Epi E>
+void gemm_tile_even(const float* a, int64_t lda, int64_t M, const Segments& sg, int64_t K, const float* b,
+                    int64_t ldb, int64_t N, const float* bias, float* c, int64_t ldc) {
+  const int64_t nb = (M + R - 1) / R;
+  if (nb == 0) return;
+  const int64_t base = M / nb, more = M % nb;
+  for (int64_t j0 = 0; j0 < N; j0 += NV * V) {
+    const int64_t j1 = std::min(N, j0 + NV * V);
+    for (int64_t blk = 0, r = 0; blk < nb; ++blk) {
+      const int64_t rr = base + (blk < more);  // the first M mod nb blocks take one row more
+      const float* ar = a + r * lda;
+      float* cr = c + r * ldc;
+      switch (rr) {
+#if defined(CPU_CAPABILITY_AVX512)
+        case 12: rows<12, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1); break;
+        case 11: rows<11, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1); break;
+        case 10: rows<10, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1); break;
+        case 9: rows<9, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1); break;
+        case 8: rows<8, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1); break;
+        case 7: rows<7, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1); break;
+#endif
+        case 6: rows<6, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1); break;
+        case 5: rows<5, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1); break;
+        case 4: rows<4, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1); break;
+        case 3: rows<3, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1); break;
+        case 2: rows<2, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1); break;
+        default: rows<1, E>(ar, lda, sg, K, b, ldb, bias, nullptr, 0, cr, ldc, j0, j1);
+      }
+      r += rr;
+    }
+  }
+}
+
 // plain product (one segment) over rows 0 .. M - 1
 template <Epi E>
 inline void gemm_rows(const float* a, int64_t lda, int64_t M, int64_t K, const float* b, int64_t N,
