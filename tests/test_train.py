@@ -220,6 +220,17 @@ def test_finetune_with_other_class_count_reinitialises_head(tmp_path):
                           checkpoint=str(tmp_path / 'src' / 'model_best.safetensors')))
 
 
+def test_opt_picks_timm_optimiser_with_its_own_weight_decay(tmp_path):
+    # --opt sgd: timm's SGD with Nesterov momentum, weight decay on the weights only (none on norms and biases)
+    train(make_config(**TINY, recipe='small', epochs=1, opt='sgd', lr=0.1, weight_decay=5e-4,
+                      output=str(tmp_path / 'sgd')))
+    groups = torch.load(tmp_path / 'sgd' / CHECKPOINT, weights_only=False)['optimizer']['param_groups']
+    assert all(g['nesterov'] and g['momentum'] == 0.9 and 'betas' not in g for g in groups)
+    assert sorted(g['weight_decay'] for g in groups) == [0.0, 5e-4]
+    with pytest.raises(UserError, match="unknown optimiser 'sgdd'.*did you mean sgd"):
+        make_config(**TINY, epochs=1, opt='sgdd')
+
+
 @pytest.mark.parametrize('channels_last', [True, False])
 def test_channels_last_applies_on_cpu_and_checkpoints_load_either_way(tmp_path, channels_last):
     import timm

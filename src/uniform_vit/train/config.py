@@ -180,6 +180,14 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    from timm.optim import list_optimizers
+
+    if cfg.opt.lower() not in (known := list_optimizers()):
+        import difflib
+
+        close = difflib.get_close_matches(cfg.opt.lower(), known, n=3)
+        raise UserError(f"unknown optimiser {cfg.opt!r} (timm's names: adamw, sgd, lamb, lion, ...)"
+                        + (f"; did you mean {', '.join(close)}?" if close else ''))
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
