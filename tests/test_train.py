@@ -229,6 +229,9 @@ def test_opt_picks_timm_optimiser_with_its_own_weight_decay(tmp_path):
     assert sorted(g['weight_decay'] for g in groups) == [0.0, 5e-4]
     with pytest.raises(UserError, match="unknown optimiser 'sgdd'.*did you mean sgd"):
         make_config(**TINY, epochs=1, opt='sgdd')
+    assert make_config(**TINY, epochs=1, opt='Lookahead_AdamW').opt == 'Lookahead_AdamW'  # timm's wrapper form
+    with pytest.raises(UserError, match="unknown optimiser 'lookahead_adamx'"):
+        make_config(**TINY, epochs=1, opt='lookahead_adamx')
 
 
 @pytest.mark.parametrize('channels_last', [True, False])

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import re
-import statistics
 import subprocess
 import tempfile
 import time
@@ -37,7 +36,7 @@ from uniform_vit.utils.malloc import tune_allocator
 NS = 'uniform_vit_ab'
 
 
-def build_revision(rev: str) -> object:
+def build_revision(rev: str) -> None:
     """The library's sources at ``rev`` built as ``torch.ops.uniform_vit_ab``."""
     from torch.utils.cpp_extension import load
 
@@ -57,7 +56,6 @@ def build_revision(rev: str) -> object:
     load(name=f'{NS}_{isa.lower()}_{sha[:10]}', sources=[str(p) for p in sorted(tmp.glob('*.cpp'))],
          extra_cflags=['-O3', '-fopenmp', *cpu_kernels._ISA_FLAGS[isa]], extra_ldflags=['-fopenmp'],
          is_python_module=False, verbose=False)
-    return getattr(torch.ops, NS)
 
 
 def time_models(names: list[str], rounds: int) -> None:
@@ -109,7 +107,7 @@ def time_op(op: str, rounds: int, cold: bool) -> None:
                 times[k].append(time.perf_counter() - t0)
     print(f'{op} ({what}; {"cold" if cold else "warm"} inputs, {rounds} rounds):')
     for k, t in times.items():
-        print(f'  {k:5s} {statistics.median(t) * 1e3:7.3f} ms, {flops / statistics.median(t) / 1e9:6.1f} GFLOP/s, '
+        print(f'  {k:5s} {median(t) * 1e3:7.3f} ms, {flops / median(t) / 1e9:6.1f} GFLOP/s, '
               f'speed-up over the revision {paired_ratio(t, times["rev"]):.3f}x')
 
 

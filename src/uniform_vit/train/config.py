@@ -182,10 +182,11 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(msg)
     from timm.optim import list_optimizers
 
-    if cfg.opt.lower() not in (known := list_optimizers()):
+    name = cfg.opt.lower().split('_')[-1]  # as timm reads it: 'lookahead_adamw' is AdamW inside Lookahead
+    if name not in (known := list_optimizers()):
         import difflib
 
-        close = difflib.get_close_matches(cfg.opt.lower(), known, n=3)
+        close = difflib.get_close_matches(name, known, n=3)
         raise UserError(f"unknown optimiser {cfg.opt!r} (timm's names: adamw, sgd, lamb, lion, ...)"
                         + (f"; did you mean {', '.join(close)}?" if close else ''))
 

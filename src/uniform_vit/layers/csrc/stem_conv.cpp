@@ -205,7 +205,7 @@ void stem_rows_512(const float* x, int64_t B, int64_t cin, int64_t H, int64_t W,
       if (follows)
         for (int64_t c = 0; c < cin; ++c) std::swap(slot[c * 3], slot[c * 3 + 2]);
       // the two input rows the next output row adds, fetched into L1 while this row computes: the image comes
-      // from memory once per call, and without this the op waited on it (a cold batch ran 1.7-1.9x slower)
+      // from memory once per call, and without this the op waited on it (a cold batch ran 1.65-1.9x slower)
       if (oy + 1 < OH)
         for (int64_t c = 0; c < cin; ++c)
           for (int64_t iy = 2 * oy + 2; iy <= 2 * oy + 3 && iy < H; ++iy) {

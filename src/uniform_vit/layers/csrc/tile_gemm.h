@@ -132,7 +132,7 @@ void gemm_tile(const float* a, int64_t lda, int64_t M, const Segments& sg, int64
 
 // gemm_tile with the M rows cut into ceil(M / R) blocks of as equal a size as can be (55 rows: five of 11, not four
 // of 12, one of 6 and one of 1): a block of few rows has few independent accumulator chains and waits on the FMA
-// latency. The stride-2 convs' rows of 13-55 output pixels run 1.13-1.4x faster so on AVX-512 (session 30). The
+// latency. The stride-2 convs' rows of 13-55 output pixels run 1.12-1.43x faster so on AVX-512 (session 30). The
 // products over whole tiles of 8 R rows (the FFN, the 1x1 convs) keep gemm_tile: built with this one in their
 // translation units they ran 3-13 % slower, though their blocks are the same (the compiler inlines differently).
 template <Epi E>
