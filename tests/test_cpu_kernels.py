@@ -155,12 +155,43 @@ def test_tiled_core_uses_the_kernel_and_the_switch_turns_it_off(monkeypatch, ker
 
 
 @needs_kernel
-def test_traced_code_does_not_record_the_kernel(kernel):
-    # a jit trace (and torch.export / ONNX) must stay loadable without this library: the trace takes the ATen path
+def test_bench_traces_record_the_kernel_and_portable_ones_do_not(kernel):
+    # the bench's in-process trace records the op, as it does the deploy form's other ops; a graph for other machines
+    # (traced under aten_only(), as export does) must stay loadable without this library: it takes the ATen path
     q, k, v = _inputs('token-major', 1, 600, 32, torch.Generator().manual_seed(3))
-    fn = torch.jit.trace(lambda a, b, c: reuse_attention(a, b, c, None, 0.3, 'tiled'), (q, k, v), check_trace=False)
-    assert 'uniform_vit::reuse_core' not in str(fn.inlined_graph)
-    assert torch.allclose(fn(q, k, v), reuse_attention(q, k, v, None, 0.3, 'eager'), atol=1e-5)
+    fn = lambda a, b, c: reuse_attention(a, b, c, None, 0.3, 'tiled')  # noqa: E731
+    traced = torch.jit.trace(fn, (q, k, v), check_trace=False)
+    assert 'uniform_vit::reuse_core' in str(traced.inlined_graph)
+    with aten_only():
+        portable = torch.jit.trace(fn, (q, k, v), check_trace=False)
+    assert 'uniform_vit::reuse_core' not in str(portable.inlined_graph)
+    for f in (traced, portable):
+        assert torch.allclose(f(q, k, v), reuse_attention(q, k, v, None, 0.3, 'eager'), atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize('layout', ['token-major', 'channel-major', 'sliced'])
+@pytest.mark.parametrize('n, c, bias', [(49, 64, True), (49, 20, False), (16, 48, True), (1, 16, True),
+                                        (100, 32, True), (181, 32, True)])  # 181: past the transposed bias copy
+def test_small_maps_take_the_kernel_in_inference(kernel, layout, n, c, bias):
+    # UniForm's windows (N = 49, and 16 in its last stage) go through the C++ core when no gradient is needed: many
+    # small images in one call (one loop over every image's tiles), the bias read transposed; same numbers as eager,
+    # on 1 and 2 threads
+    g = torch.Generator().manual_seed(n + c)
+    q, k, v = _inputs(layout, 37, n, c, g)
+    b = torch.randn(n, n, generator=g) if bias else None
+    if b is not None and n > 3:
+        b[3] = float('-inf')  # a query with no distribution: NaN, as ATen's softmax gives it
+    ref = reuse_attention(q, k, v, b, 0.3, 'eager')
+    with torch.no_grad(), OpLog() as log:
+        one, two = _one_and_two_threads(lambda: reuse_attention(q, k, v, b, 0.3, 'auto'))
+    assert 'uniform_vit.reuse_core' in log.ops and torch.allclose(one, two, rtol=0, atol=0, equal_nan=True)
+    assert torch.allclose(one, ref, atol=1e-5, rtol=1e-4, equal_nan=True)
+    assert one.stride(1) == ref.stride(1)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))  # training keeps eager (the kernel has no backward)
+    with OpLog() as log:
+        reuse_attention(qr, kr, vr, b, 0.3, 'auto').sum().backward()
+    assert 'uniform_vit.reuse_core' not in log.ops and qr.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------

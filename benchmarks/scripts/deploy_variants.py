@@ -51,6 +51,12 @@ outputs agree. Variants:
   before session 18), instead of each channel block's own tap radius.
 * ``unpacked``: the C++ products (1x1 convs, FFNs, patch merging's expansion) read plain transposed weights instead
   of ``pack_panels``' column panels (session 18).
+* ``token-views``: the C++ 1x1 conv and FFN ops called on the (B*H*W, C) token rows of each channels-last map
+  (permute, reshape, then view and permute back), attention's output viewed with sizes read from the input, and
+  patch merging's squeeze-excite on token rows: the deploy form before session 31, whose trace held twice the graph
+  nodes (size arithmetic), instead of the ops taking the map itself.
+* ``attn-eager``: Reuse Attention on UniForm's 7x7 windows as batched ATen products (``impl='eager'``), the deploy
+  form before session 31, instead of the C++ core.
 * ``prepacked1x1``: every 1x1 conv's oneDNN matmul on a weight reordered once into oneDNN's blocked layout
   (``mkldnn._reorder_linear_weight``, kept as an mkldnn buffer, which a trace accepts) instead of the plain (O, C)
   weight that the matmul packs again on every call (session 17).
@@ -79,6 +85,7 @@ from uniform_vit.layers.conv import (
     SameConv2d,
     _pointwise_traceable,
 )
+from uniform_vit.layers.attention import ReuseAttentionDeploy, reuse_attention
 from uniform_vit.layers.fuse import reparameterize
 from uniform_vit.models.uniform import DeployPatchMerging, DeployStem, PatchMerging, _to_channels_last
 from uniform_vit.utils.malloc import tune_allocator
@@ -242,6 +249,40 @@ class _Unpacked(nn.Module):
             conv_mod.PACK_WEIGHTS = old
 
 
+def _pw_token_views(self: PointwiseConv2d, x: torch.Tensor) -> torch.Tensor:
+    op = self._kernel_op(x)
+    if op is None:
+        return PointwiseConv2d.forward(self, x)
+    wt, = conv_mod.kernel_layout(self, (self.weight,), lambda: (conv_mod.kernel_matrix(self.weight, True),), tag=True)
+    return conv_mod._on_token_rows(x, lambda t: op(t, wt, self.bias, False, True))
+
+
+def _ffn_token_views(self: ResidualFFN, x: torch.Tensor) -> torch.Tensor:
+    op = self._kernel_op(x)
+    if op is None:
+        return ResidualFFN.forward(self, x)
+    w1t, w2t = self._weights(True)
+    return conv_mod._on_token_rows(x, lambda t: op(t, w1t, self.m.pw1.bias, w2t, self.m.pw2.bias, True))
+
+
+def _attn_shape_views(self: ReuseAttentionDeploy, x: torch.Tensor) -> torch.Tensor:
+    B, C, H, W = x.shape
+    q, k = self.qk(x).split([self.qk_dim, self.qk_dim], dim=1)
+    q = self.q_dw(q)
+    v = self.v_conv(x)
+    out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.rel_bias(H, W)[0], self.scale, self.impl)
+    return self.proj(out.view(B, C, H, W))
+
+
+def _se_token_views(self: DeployPatchMerging, y: torch.Tensor) -> torch.Tensor:
+    se = self.se
+    B, C, H, W = y.shape
+    t = y.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    s = F.linear(t.mean(1), se.fc1.weight.flatten(1), se.fc1.bias).relu_()
+    s = torch.sigmoid(F.linear(s, se.fc2.weight.flatten(1), se.fc2.bias))
+    return (t * s[:, None]).view(B, H, W, C).permute(0, 3, 1, 2)
+
+
 def _patch(model: nn.Module, cls: type | tuple, fn, name: str = 'forward') -> None:
     """Bind ``fn`` as method ``name`` on every ``cls`` module of ``model`` (an instance override of its class's)."""
     for m in model.modules():
@@ -319,6 +360,16 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         stem.conv_kernel_max_out = int(variant[len('stem3x3-max'):])
     elif variant == 'dw-aten':
         _patch(model, DepthwiseConv2d, _dw_aten)
+    elif variant == 'token-views':
+        _patch(model, PointwiseConv2d, _pw_token_views)
+        _patch(model, ResidualFFN, _ffn_token_views)
+        _patch(model, ReuseAttentionDeploy, _attn_shape_views)
+        _patch(model, DeployPatchMerging, _se_token_views, '_squeeze_excite')
+    elif variant == 'attn-eager':
+        for m in model.modules():
+            if isinstance(m, ReuseAttentionDeploy):
+                m.impl = 'eager'
+
     else:
         raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
     return model
@@ -329,7 +380,7 @@ VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'ste
             'stem-aten', 'dw-aten', 'prepacked1x1', 'ffn-onednn', 'pw-onednn', 'stem3x3-aten',
             'stem3x3-all', 'pm-separate', 'se-timm', 'dw-slices-aten',
             'dw-full-taps', 'stem3x3-max16', 'stem-chunks1', 'stem-chunks2', 'stem-chunks4', 'stem-chunks8',
-            'stem-chunks16',
+            'stem-chunks16', 'token-views', 'attn-eager',
             'unpacked')
 
 

@@ -3,6 +3,7 @@
 
     python benchmarks/scripts/kernels_ab.py --rev HEAD~1 --models uniform_t,uniform_s --rounds 21
     python benchmarks/scripts/kernels_ab.py --rev HEAD~1 --op stem_conv --cold     # the first stem conv alone
+    python benchmarks/scripts/kernels_ab.py --rev tree --define DEPTHWISE_PIXELS   # a compile-time switch
 
 The revision's ``layers/csrc`` sources are built a second time under another operator namespace
 (``uniform_vit_ab``), so both versions live in the process at once; a model traced while ``cpu_kernels`` hands out
@@ -36,25 +37,34 @@ from uniform_vit.utils.malloc import tune_allocator
 NS = 'uniform_vit_ab'
 
 
-def build_revision(rev: str) -> None:
-    """The library's sources at ``rev`` built as ``torch.ops.uniform_vit_ab``."""
+def build_revision(rev: str, defines: list[str] = ()) -> None:
+    """The library's sources at ``rev`` (``tree``: the working tree's) built as ``torch.ops.uniform_vit_ab``, with
+    ``-D`` for each of ``defines`` (compile-time switches such as ``DEPTHWISE_PIXELS``)."""
     from torch.utils.cpp_extension import load
 
     root = Path(cpu_kernels.__file__).resolve().parents[3]
     csrc = Path(cpu_kernels.__file__).resolve().parent / 'csrc'
     rel = csrc.relative_to(root).as_posix()
     git = ['git', '-C', str(root)]
-    sha = subprocess.run([*git, 'rev-parse', rev], capture_output=True, text=True, check=True).stdout.strip()
-    names = subprocess.run([*git, 'ls-tree', '--name-only', f'{sha}:{rel}/'], capture_output=True, text=True,
-                           check=True).stdout.split()
+    if rev == 'tree':
+        sha = 'tree' + '_'.join(defines).lower()
+        names = sorted(p.name for p in csrc.iterdir())
+        read = lambda name: (csrc / name).read_text()  # noqa: E731
+    else:
+        sha = subprocess.run([*git, 'rev-parse', rev], capture_output=True, text=True, check=True).stdout.strip()
+        names = subprocess.run([*git, 'ls-tree', '--name-only', f'{sha}:{rel}/'], capture_output=True, text=True,
+                               check=True).stdout.split()
+        read = lambda name: subprocess.run([*git, 'show', f'{sha}:{rel}/{name}'], capture_output=True,  # noqa: E731
+                                           text=True, check=True).stdout
     tmp = Path(tempfile.mkdtemp())
     for name in names:
-        src = subprocess.run([*git, 'show', f'{sha}:{rel}/{name}'], capture_output=True, text=True, check=True).stdout
+        src = read(name)
         src = re.sub(r'TORCH_LIBRARY(_FRAGMENT|_IMPL)?\(uniform_vit,', rf'TORCH_LIBRARY\1({NS},', src)
         (tmp / name).write_text(src)
     isa = torch.backends.cpu.get_cpu_capability()
     load(name=f'{NS}_{isa.lower()}_{sha[:10]}', sources=[str(p) for p in sorted(tmp.glob('*.cpp'))],
-         extra_cflags=['-O3', '-fopenmp', *cpu_kernels._ISA_FLAGS[isa]], extra_ldflags=['-fopenmp'],
+         extra_cflags=['-O3', '-fopenmp', *cpu_kernels._ISA_FLAGS[isa], *(f'-D{d}' for d in defines)],
+         extra_ldflags=['-fopenmp'],
          is_python_module=False, verbose=False)
 
 
@@ -79,7 +89,33 @@ def time_models(names: list[str], rounds: int) -> None:
               f'speed-up {paired_ratio(t["tree"], t["rev"]):.3f}x; max |diff| {err:.1e}', flush=True)
 
 
-def time_op(op: str, rounds: int, cold: bool) -> None:
+def model_calls(model: str, op: str) -> tuple[list[tuple], int]:
+    """The arguments of every call the fused ``model`` makes to ``uniform_vit::op`` in one forward pass of 16 images
+    at 224 px, and their FLOPs (the op's registered formula)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    target = getattr(torch.ops.uniform_vit, op).default
+    calls: list[tuple] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func == target:
+                calls.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+            return func(*args, **(kwargs or {}))
+
+    m = reparameterize(timm.create_model(model).eval())
+    with torch.inference_mode(), Record():
+        m(torch.randn(16, 3, 224, 224))
+    if not calls:
+        raise SystemExit(f'{model} makes no call to uniform_vit::{op}')
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        for a in calls:
+            target(*a)
+    return calls, fc.get_total_flops()
+
+
+def time_op(op: str, rounds: int, cold: bool, model: str = 'uniform_t') -> None:
     ops = {'tree': getattr(torch.ops.uniform_vit, op), 'rev': getattr(getattr(torch.ops, NS), op)}
     if op == 'stem_conv':
         x, w, b = torch.randn(16, 3, 224, 224), torch.randn(8, 3, 3, 3), torch.randn(8)
@@ -93,7 +129,8 @@ def time_op(op: str, rounds: int, cold: bool) -> None:
             flops += 2 * 4 * (s // 2) ** 2 * 9 * cin * cout
         what = "uniform_t's stem convs 2-4 on 4 images"
     else:
-        raise SystemExit(f'--op: stem_conv or conv3x3_s2, not {op!r}')
+        calls, flops = model_calls(model, op)
+        what = f"the {len(calls)} calls {model}'s forward makes at batch 16"
     junk = torch.zeros(16 * 1024 * 1024)
     times: dict[str, list[float]] = {k: [] for k in ops}
     for r in range(rounds + 2):
@@ -113,9 +150,12 @@ def time_op(op: str, rounds: int, cold: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--rev', default='HEAD', help='git revision to compare the working tree with')
-    ap.add_argument('--models', default='uniform_t', help='comma list of models (ignored with --op)')
-    ap.add_argument('--op', default='', help='time one op instead: stem_conv or conv3x3_s2')
+    ap.add_argument('--rev', default='HEAD', help="git revision to compare the working tree with ('tree': the working "
+                    "tree itself, with --define)")
+    ap.add_argument('--define', default='', help='comma list of macros defined in the revision\'s build')
+    ap.add_argument('--models', default='uniform_t', help='comma list of models (with --op: whose calls to time)')
+    ap.add_argument('--op', default='', help="time one op instead: stem_conv or conv3x3_s2 (the stem's shapes), or "
+                    "any other op of the library on the calls the first of --models makes")
     ap.add_argument('--cold', action='store_true', help='with --op: inputs from memory, not cache')
     ap.add_argument('--rounds', type=int, default=21)
     args = ap.parse_args()
@@ -123,10 +163,12 @@ def main() -> None:
     torch.set_num_threads(1)
     if not cpu_kernels._load():
         raise SystemExit(f'the C++ kernels are off: {cpu_kernels.status()}')
-    build_revision(args.rev)
-    print(f'working tree against {args.rev}, 1 thread, {torch.backends.cpu.get_cpu_capability()}')
+    defines = [d for d in args.define.split(',') if d]
+    build_revision(args.rev, defines)
+    print(f'working tree against {args.rev}{" with -D" + " -D".join(defines) if defines else ""}, 1 thread, '
+          f'{torch.backends.cpu.get_cpu_capability()}')
     if args.op:
-        time_op(args.op, args.rounds, args.cold)
+        time_op(args.op, args.rounds, args.cold, args.models.split(',')[0])
     else:
         time_models(args.models.split(','), args.rounds)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conv import ConvNorm, make_conv
+from .conv import ConvNorm, in_aten_only, make_conv
 
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {}
 
@@ -49,7 +49,8 @@ def create_attention(kind: str, dim: int, num_heads: int, **kwargs) -> nn.Module
 # The 'tiled' impl keeps one (T, N) slice of the map, sized to TILE_BYTES: small enough to stay in L2 next to the
 # values and to make the call's peak memory no higher than fused SDPA's (at N = 3136, C = 64..256 on this CPU:
 # T = 40), large enough to keep the matmuls efficient (T = 16..32 measured 5-15% slower, 64..128 at most 5% faster).
-# Below TILED_MIN_N tokens the whole (B, N, N) map is small and one batched matmul wins.
+# Below TILED_MIN_N tokens the whole (B, N, N) map is small and one batched matmul beats the ATen tile loop (the C++
+# core, where it is built, beats both at every N).
 TILE_BYTES = 1 << 19
 TILED_MIN_N = 512
 MKL_KEY_COPY = True  # A/B switch for benchmarks/scripts: contiguous keys for MKL's logits (see _reuse_tiled)
@@ -71,6 +72,13 @@ def _token_major(v: torch.Tensor) -> bool:
     """True when (B, C, N) ``v`` is a transposed view of (B, N, C) memory (what channels-last maps flatten to); a
     single token (N = 1) is both layouts and counts as channel-major."""
     return v.stride(1) == 1 and v.shape[1] > 1 and v.shape[2] > 1
+
+
+def _cpu_kernel_may_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Float32 CPU inputs outside :func:`~uniform_vit.layers.conv.aten_only`: the C++ core's conditions (it may still
+    be unbuilt or switched off: ``cpu_kernels.reuse_core()`` is then None)."""
+    return (CPU_KERNEL and v.device.type == 'cpu' and q.dtype == k.dtype == v.dtype == torch.float32
+            and not in_aten_only())
 
 
 def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
@@ -118,7 +126,7 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
             return out
     if B == 0:  # nothing to attend; the buffers below are chosen from the first image
         return v.new_empty(B, N, C).transpose(1, 2)
-    if tile is None and CPU_KERNEL and v.device.type == 'cpu' and q.dtype == k.dtype == v.dtype == torch.float32:
+    if tile is None and _cpu_kernel_may_run(q, k, v):
         kernel = reuse_core()  # None where it is not built; an explicit tile size asks for the ATen path
         if kernel is not None:
             out = kernel(q, k, v, bias, scale)
@@ -189,17 +197,22 @@ def reuse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     ``impl='eager'`` materialises the (B, N, N) map; ``'tiled'`` walks tiles of queries so only a (T, N) slice of
     the map exists at a time (same numbers, much faster and smaller at large N on CPU); ``'sdpa'`` hands the same
     computation to PyTorch's fused ``scaled_dot_product_attention`` as ONE head with a Cq-wide q/k and a C-wide value;
-    ``'auto'`` (default) picks 'tiled' for N >= 512 when no gradient is needed (on CPU; on CUDA where the Triton
-    kernel can run, which 'tiled' then uses), else 'eager'.
+    ``'auto'`` (default) picks 'tiled' when no gradient is needed: on CPU at every N where the C++ core is built
+    (UniForm's 7 x 7 windows, N = 49, ran 2.0-2.5x 'eager' with it; benchmarks/RESULTS.md, section 1, session 31) and
+    from N = 512 without it; on CUDA from N = 512 where the Triton kernel can run, which 'tiled' then uses. Else
+    'eager'.
     """
     N = q.shape[-1]
     if impl == 'auto':
-        impl = 'eager'  # UniForm's own 7x7 windows always end here, before any of the checks below
-        if N >= TILED_MIN_N and not (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (q, k, v, bias))):
+        impl = 'eager'  # training, and UniForm's own 7x7 windows where no C++ core is built, end here
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))):
             from . import gpu_kernels
+            from .cpu_kernels import reuse_core
 
-            if q.device.type == 'cpu' or gpu_kernels.usable(q, k, v, bias):
+            if q.device.type == 'cpu':
+                if N >= TILED_MIN_N or (_cpu_kernel_may_run(q, k, v) and reuse_core() is not None):
+                    impl = 'tiled'
+            elif N >= TILED_MIN_N and gpu_kernels.usable(q, k, v, bias):
                 impl = 'tiled'
     if impl == 'tiled':
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
@@ -347,12 +360,12 @@ class ReuseAttentionDeploy(nn.Module):
         return d.train(m.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
         q, k = self.qk(x).split([self.qk_dim, self.qk_dim], dim=1)
         q = self.q_dw(q)
         v = self.v_conv(x)
-        out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.rel_bias(H, W)[0], self.scale, self.impl)
-        return self.proj(out.view(B, C, H, W))
+        bias = self.rel_bias(x.shape[2], x.shape[3])[0]
+        out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), bias, self.scale, self.impl)
+        return self.proj(out.view_as(x))  # view_as: a trace records no size arithmetic for it
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -170,6 +170,11 @@ def aten_only() -> Iterator[None]:
         ONEDNN_POINTWISE, _ATEN_ONLY = old
 
 
+def in_aten_only() -> bool:
+    """True inside :func:`aten_only` (for callers of this library's C++ ops outside this module)."""
+    return _ATEN_ONLY
+
+
 def _pointwise_onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """1x1 conv of a channels-last (B, C, H, W) ``x`` with an (O, C) ``w`` as ONE oneDNN matmul over its B*H*W tokens
     (channels-last memory is a (B*H*W, C) matrix); channels-last output."""
@@ -237,7 +242,7 @@ class PointwiseConv2d(nn.Conv2d):
         if op is not None:
             w, packed = self.weight, PACK_WEIGHTS
             wt, = kernel_layout(self, (w,), lambda: (kernel_matrix(w, packed),), tag=packed)
-            return _on_token_rows(x, lambda t: op(t, wt, self.bias, False, packed))
+            return op(x, wt, self.bias, False, packed)  # the channels-last map in, one out: no views to trace
         if self._onednn_ok(x):
             fn = _pointwise_traceable() if torch.jit.is_tracing() else _pointwise_onednn
             return fn(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
@@ -294,25 +299,31 @@ class DepthwiseConv2d(SameConv2d):
             return None
         return cpu_kernels.depthwise_conv()  # None inside torch.compile / ONNX export, or without the kernels
 
-    def _tap_radius(self) -> torch.Tensor | None:
-        """Per channel, how far from the kernel's centre its nonzero taps reach (the op skips the rest), or None
-        when every channel uses the whole kernel. Zero-padded kernels are what the deploy form of Reuse Attention
-        makes of its heads' 1x1 / 3x3 / 5x5 / 7x7 value convs; skipping their zero taps gives the same sums."""
+    def _kernel_args(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the op reads besides the map, kept until the weight changes: the weight as a (k*k, C) taps-major
+        matrix (made per call inside the op otherwise, a copy and a transpose that cost a traced uniform_t ~1 %), and
+        per channel how far from the kernel's centre its nonzero taps reach (the op skips the rest), or None when
+        every channel uses the whole kernel. Zero-padded kernels are what the deploy form of Reuse Attention makes of
+        its heads' 1x1 / 3x3 / 5x5 / 7x7 value convs; skipping their zero taps gives the same sums."""
         w = self.weight
 
-        def radius() -> tuple:
+        def make() -> tuple:
             k = w.shape[-1]
             d = (torch.arange(k, device=w.device) - k // 2).abs()
             dist = torch.maximum(d[:, None], d[None, :])  # (k, k): each tap's ring around the centre
             r = torch.where(w[:, 0] != 0, dist, torch.zeros_like(dist)).flatten(1).amax(1)
-            return (r if bool((r < k // 2).any()) else None,)
+            return w.reshape(w.shape[0], k * k).t().contiguous(), (r if bool((r < k // 2).any()) else None)
 
-        return kernel_layout(self, (w,), radius)[0]
+        return kernel_layout(self, (w,), make)
+
+    def _tap_radius(self) -> torch.Tensor | None:
+        return self._kernel_args()[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = self._kernel_op(x)
         if op is not None:
-            return op(x, self.weight, self.bias, self.stride[0], self._tap_radius())
+            wt, radius = self._kernel_args()
+            return op(x, wt, self.bias, self.stride[0], radius)
         if self.stride == (1, 1):
             return super().forward(x)
         return nn.Conv2d.forward(self, x)
@@ -413,6 +424,27 @@ class ConvNorm(nn.Sequential):
         return m
 
 
+class KernelLinear(nn.Linear):
+    """nn.Linear whose inference on float32 CPU rows (no gradient, outside :func:`aten_only`) runs as this library's
+    C++ product (``pointwise_conv`` on its (M, in) rows; a cached transposed, packed weight): the fused classifier
+    head, where MKL's ``addmm`` ran uniform_t's (16, 192) x (192, 1000) at ~50 GFLOP/s on a Zen 5 (session 31).
+    Same weights, keys and outputs (to rounding) as nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # from 8 rows: for one (batch-1 latency) the product is a single chain of FMAs per column block and lost
+        # to addmm (18 vs 14 us); at 16 rows it ran 1.7-1.9x addmm
+        if (POINTWISE_KERNEL and x.dim() == 2 and x.shape[0] >= 8 and x.device.type == 'cpu'
+                and x.dtype == self.weight.dtype == torch.float32
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and not _ATEN_ONLY and not torch.is_autocast_enabled('cpu')):
+            op = cpu_kernels.pointwise_conv()  # None inside torch.compile / ONNX export, or without the kernels
+            if op is not None:
+                w, packed = self.weight, PACK_WEIGHTS
+                wt, = kernel_layout(self, (w,), lambda: (kernel_matrix(w, packed),), tag=packed)
+                return op(x, wt, self.bias, False, packed)
+        return super().forward(x)
+
+
 class BNLinear(nn.Sequential):
     """BatchNorm1d -> Dropout -> Linear: the classifier head. Fuses into one Linear."""
 
@@ -431,7 +463,7 @@ class BNLinear(nn.Sequential):
         scale = bn.weight / std
         shift = bn.bias - bn.running_mean * scale
         # linear(bn(x)) = W (x * scale + shift) + b
-        m = nn.Linear(lin.in_features, lin.out_features, device=lin.weight.device, dtype=lin.weight.dtype)
+        m = KernelLinear(lin.in_features, lin.out_features, device=lin.weight.device, dtype=lin.weight.dtype)
         m.weight.copy_(lin.weight * scale[None, :])
         m.bias.copy_(lin.bias + lin.weight @ shift)
         return m
@@ -515,7 +547,7 @@ class ResidualFFN(Residual):
             return super().forward(x)
         packed = PACK_WEIGHTS
         w1t, w2t = self._weights(packed)
-        return _on_token_rows(x, lambda t: op(t, w1t, self.m.pw1.bias, w2t, self.m.pw2.bias, packed))
+        return op(x, w1t, self.m.pw1.bias, w2t, self.m.pw2.bias, packed)  # map in, map out (channels-last)
 
     def fuse(self) -> nn.Module:
         return self  # already the deploy form

@@ -128,13 +128,17 @@ def _register_flop_formulas() -> None:
 
     def depthwise_flops(x_shape, w_shape, b_shape, stride, *args, out_shape=None, **kwargs) -> int:
         b, c, h, w = x_shape  # every tap of every output, as the flop counter counts ATen's convolutions
-        return 2 * b * c * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) * w_shape[2] * w_shape[3]
+        taps = w_shape[0] if len(w_shape) == 2 else w_shape[2] * w_shape[3]  # (k*k, C) or (C, 1, k, k)
+        return 2 * b * c * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) * taps
+
+    def rows(x_shape) -> int:  # token rows M of an (M, C) matrix or a (B, C, H, W) map
+        return x_shape[0] * (x_shape[2] * x_shape[3] if len(x_shape) == 4 else 1)
 
     def ffn_flops(x_shape, w1t_shape, *args, out_shape=None, **kwargs) -> int:
-        return 4 * x_shape[0] * w1t_shape[0] * w1t_shape[1]  # two products of M x C x H
+        return 4 * rows(x_shape) * w1t_shape[0] * w1t_shape[1]  # two products of M x C x H
 
     def pointwise_flops(x_shape, wt_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * x_shape[0] * wt_shape[0] * wt_shape[1]
+        return 2 * rows(x_shape) * wt_shape[0] * wt_shape[1]
 
     def conv3x3_flops(x_shape, wt_shape, *args, out_shape=None, **kwargs) -> int:
         return conv3x3_s2_flops(x_shape, wt_shape[3])  # wt: (3, 3, Cin, Cout)
@@ -160,11 +164,11 @@ def _register_flop_formulas() -> None:
 def reuse_core() -> Callable[..., torch.Tensor] | None:
     """``reuse_core(q, k, v, bias, scale)`` for float32 CPU tensors in any layout, q, k: (B, Cq, N), v: (B, C, N),
     bias (N, N) or None: ``softmax(scale q^T k + bias) v^T`` as (B, N, C) memory when ``v`` is token-major
-    (``v.stride(1) == 1``), else as (B, C, N). None when the kernel is off or could not be built, and inside a
-    trace, ``torch.compile`` or an ONNX export, which must not record an op of this library."""
-    if not enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-        return None
-    return torch.ops.uniform_vit.reuse_core if _load() else None
+    (``v.stride(1) == 1``), else as (B, C, N). None when the kernel is off or could not be built, and inside
+    ``torch.compile`` or an ONNX export. A ``torch.jit.trace`` records it like the deploy form's other ops (the bench's
+    in-process traces; graphs for other machines are traced under :func:`uniform_vit.layers.conv.aten_only`, which
+    the caller checks)."""
+    return _recordable_op('reuse_core')
 
 
 STEM_CHANNELS = (8, 16, 24)  # the output widths stem_conv is built for (UniForm's E0 / 8 for E0 = 64, 128, 192)
@@ -196,15 +200,17 @@ def depthwise_conv() -> Callable[..., torch.Tensor] | None:
 
 def residual_ffn() -> Callable[..., torch.Tensor] | None:
     """``residual_ffn(x, w1t, b1, w2t, b2, packed=False)``: ``x + relu(x @ w1t + b1) @ w2t + b2`` for float32 CPU
-    token rows ``x`` (M, C), ``w1t`` (C, H), ``w2t`` (H, C) (``packed``: both in :func:`pack_panels`' order); or None
-    (see :func:`_recordable_op`)."""
+    token rows ``x`` (M, C), or a (B, C, H, W) map (its channels-last memory's rows; returned as a channels-last map),
+    ``w1t`` (C, H), ``w2t`` (H, C) (``packed``: both in :func:`pack_panels`' order); or None (see
+    :func:`_recordable_op`)."""
     return _recordable_op('residual_ffn')
 
 
 def pointwise_conv() -> Callable[..., torch.Tensor] | None:
     """``pointwise_conv(x, wt, b, relu, packed=False)``: ``x @ wt + b`` (then a ReLU when ``relu``) for float32 CPU
-    token rows ``x`` (M, K) and ``wt`` (K, N) (``packed``: in :func:`pack_panels`' order), ``b`` (N) or None; or None
-    (see :func:`_recordable_op`)."""
+    token rows ``x`` (M, K), or a (B, K, H, W) map (its channels-last memory's rows; returned as a channels-last map),
+    and ``wt`` (K, N) (``packed``: in :func:`pack_panels`' order), ``b`` (N) or None; or None (see
+    :func:`_recordable_op`)."""
     return _recordable_op('pointwise_conv')
 
 

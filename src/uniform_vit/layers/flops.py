@@ -3,8 +3,8 @@ version.
 
 Some PyTorch releases count no FLOPs for the CPU flash-attention op that ``F.scaled_dot_product_attention`` dispatches
 to (torch 2.14 counts zero for DeiT-Tiny's attention: 1.07 instead of 1.25 GMACs), so every count in this project
-goes through :func:`count_flops`, which registers the formulas it needs first. The oneDNN matmul of the Reuse core
-registers its own in :mod:`uniform_vit.layers.gemm`.
+goes through :func:`count_flops`, which registers the formulas it needs first (and loads the C++ kernels, which
+register theirs). The oneDNN matmul of the Reuse core registers its own in :mod:`uniform_vit.layers.gemm`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     register_missing_formulas()
+    # the C++ kernels register their formulas when they load, and a FlopCounterMode only knows the formulas that
+    # existed when it was made: loaded first, a model whose first call loads them (eval-mode Reuse Attention takes
+    # the C++ core) is not counted short
+    from . import cpu_kernels
+
+    if cpu_kernels.enabled() and x.device.type == 'cpu':
+        cpu_kernels.status()
     with FlopCounterMode(display=False) as fc:
         model(x)
     return int(fc.get_total_flops())

@@ -236,16 +236,14 @@ class DeployPatchMerging(PatchMerging):
         return cpu_kernels.expand_dw()
 
     def _squeeze_excite(self, y: torch.Tensor) -> torch.Tensor:
-        """timm's ``SqueezeExcite`` (ReLU, no norm, sigmoid gate) on a channels-last map's (B, H*W, C) token rows."""
+        """timm's ``SqueezeExcite`` (ReLU, no norm, sigmoid gate) on a channels-last map, as products on its means."""
         se = self.se
         if not (isinstance(se, SqueezeExcite) and isinstance(se.bn, nn.Identity) and isinstance(se.act, nn.ReLU)
                 and isinstance(se.gate, (nn.Sigmoid, TimmSigmoid)) and not se.add_maxpool):
             return se(y)
-        B, C, H, W = y.shape
-        t = y.permute(0, 2, 3, 1).reshape(B, H * W, C)  # channels-last memory: a view
-        s = F.linear(t.mean(1), se.fc1.weight.flatten(1), se.fc1.bias).relu_()
+        s = F.linear(y.mean((2, 3)), se.fc1.weight.flatten(1), se.fc1.bias).relu_()
         s = torch.sigmoid(F.linear(s, se.fc2.weight.flatten(1), se.fc2.bias))
-        return (t * s[:, None]).view(B, H, W, C).permute(0, 3, 1, 2)
+        return y * s[:, :, None, None]  # keeps y's channels-last memory; no views, so no size arithmetic in a trace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = self._kernel_op(x)

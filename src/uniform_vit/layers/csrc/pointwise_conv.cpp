@@ -20,6 +20,7 @@
 #include <optional>
 #include <vector>
 
+#include "channels_innermost.h"
 #include "tile_gemm.h"
 
 namespace {
@@ -30,17 +31,17 @@ constexpr int64_t TR = 8 * uniform_vit_tile::R;  // token rows per task
 
 at::Tensor pointwise_conv(const at::Tensor& x_, const at::Tensor& wt_, const std::optional<at::Tensor>& b_,
                           bool relu, bool packed) {
-  TORCH_CHECK(x_.dim() == 2 && wt_.dim() == 2, "pointwise_conv: expected x (M, K) and wt (K, N), got x ", x_.sizes(),
-              ", wt ", wt_.sizes());
+  TORCH_CHECK((x_.dim() == 2 || x_.dim() == 4) && wt_.dim() == 2,
+              "pointwise_conv: expected x (M, K) or (B, K, H, W) and wt (K, N), got x ", x_.sizes(), ", wt ", wt_.sizes());
   TORCH_CHECK(x_.scalar_type() == at::kFloat && wt_.scalar_type() == at::kFloat &&
                   (!b_ || b_->scalar_type() == at::kFloat),
               "pointwise_conv: float32 tensors only");
-  const int64_t M = x_.size(0), K = x_.size(1), N = wt_.size(1);
+  const int64_t K = x_.size(1), N = wt_.size(1), M = K ? x_.numel() / K : 0;
   TORCH_CHECK(wt_.size(0) == K, "pointwise_conv: x has ", K, " channels, wt ", wt_.size(0), " rows");
   TORCH_CHECK(!b_ || (b_->dim() == 1 && b_->size(0) == N), "pointwise_conv: bias must be (", N, ")");
-  const at::Tensor x = x_.contiguous(), wt = wt_.contiguous();
+  const at::Tensor x = token_rows(x_), wt = wt_.contiguous();
   const at::Tensor b = b_ ? b_->contiguous() : at::zeros({N}, x.options());
-  auto out = at::empty({M, N}, x.options());
+  auto out = token_rows_like(x, N);
   if (M == 0 || N == 0) return out;
   const float* X = x.data_ptr<float>();
   const float* W = wt.data_ptr<float>();

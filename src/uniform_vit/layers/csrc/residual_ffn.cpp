@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "channels_innermost.h"
 #include "tile_gemm.h"
 
 namespace {
@@ -29,17 +30,18 @@ constexpr int64_t TR = 8 * uniform_vit_tile::R;  // tokens per tile: their hidde
 
 at::Tensor residual_ffn(const at::Tensor& x_, const at::Tensor& w1t_, const at::Tensor& b1_, const at::Tensor& w2t_,
                         const at::Tensor& b2_, bool packed) {
-  TORCH_CHECK(x_.dim() == 2 && w1t_.dim() == 2 && w2t_.dim() == 2 && b1_.dim() == 1 && b2_.dim() == 1,
-              "residual_ffn: expected x (M, C), w1t (C, H), b1 (H), w2t (H, C), b2 (C)");
+  TORCH_CHECK((x_.dim() == 2 || x_.dim() == 4) && w1t_.dim() == 2 && w2t_.dim() == 2 && b1_.dim() == 1 &&
+                  b2_.dim() == 1,
+              "residual_ffn: expected x (M, C) or (B, C, H, W), w1t (C, H), b1 (H), w2t (H, C), b2 (C)");
   for (const at::Tensor* t : {&x_, &w1t_, &b1_, &w2t_, &b2_})
     TORCH_CHECK(t->scalar_type() == at::kFloat, "residual_ffn: float32 tensors only");
-  const int64_t M = x_.size(0), C = x_.size(1), H = w1t_.size(1);
+  const int64_t C = x_.size(1), H = w1t_.size(1), M = C ? x_.numel() / C : 0;
   TORCH_CHECK(w1t_.size(0) == C && b1_.size(0) == H && w2t_.sizes() == at::IntArrayRef({H, C}) && b2_.size(0) == C,
               "residual_ffn: shapes do not match: x ", x_.sizes(), ", w1t ", w1t_.sizes(), ", b1 ", b1_.sizes(),
               ", w2t ", w2t_.sizes(), ", b2 ", b2_.sizes());
-  const at::Tensor x = x_.contiguous(), w1t = w1t_.contiguous(), b1 = b1_.contiguous(), w2t = w2t_.contiguous(),
+  const at::Tensor x = token_rows(x_), w1t = w1t_.contiguous(), b1 = b1_.contiguous(), w2t = w2t_.contiguous(),
                    b2 = b2_.contiguous();
-  auto out = at::empty({M, C}, x.options());
+  auto out = token_rows_like(x, C);
   if (M == 0 || C == 0) return out;
   const float* X = x.data_ptr<float>();
   const float* W1 = w1t.data_ptr<float>();

@@ -56,6 +56,7 @@ constexpr int64_t KEYS = 128;  // keys per block of the value product, channel-m
 // token-major values: a (KEYS_TM, 4 vectors) block of v and the (KEYS_TM, TQ) block of S^T share L1; 64 keys ran
 // 1.03-1.06x faster than 128 at N = 3136 (C = 64 / 128; 32 and 256 no better)
 constexpr int64_t KEYS_TM = 64;
+constexpr int64_t kBiasCopyFloats = 1 << 15;  // the largest transposed bias copy made (128 KiB)
 
 struct Args {
   const float* q;   // image b
@@ -66,6 +67,8 @@ struct Args {
   int64_t svc, svn;
   const float* bias;  // nullptr or (N, N)
   int64_t sb0, sb1;
+  const float* bias_t;  // nullptr, or the bias transposed once per call: (N, ldt) rows, bias_t[j * ldt + i] = (i, j)
+  int64_t ldt;
   int64_t n, cq, c;
   float scale;
   bool token_major;  // output (N, C) rows, else (C, N)
@@ -80,7 +83,10 @@ void logits_keys(const Args& a, const float* qt, const float* bias, const VecI& 
                  float* st, Vec& m0, Vec& m1) {
   Vec acc[RK][2];
   for (int i = 0; i < RK; ++i) {
-    if (bias) {
+    if (a.bias_t) {  // bias here is the tile's first query column of bias_t
+      acc[i][0] = Vec::loadu(bias + (j0 + i) * a.ldt);
+      acc[i][1] = Vec::loadu(bias + (j0 + i) * a.ldt + V);
+    } else if (bias) {
       acc[i][0] = at::vec::gather<sizeof(float)>(bias + (j0 + i) * a.sb1, bi0);
       acc[i][1] = at::vec::gather<sizeof(float)>(bias + (j0 + i) * a.sb1, bi1);
     } else {
@@ -106,7 +112,8 @@ void logits_keys(const Args& a, const float* qt, const float* bias, const VecI& 
 
 // O[t0 + r, c0 : c0 + CV V] = sum_j S^T[j, r] v[c0.., j] (+ what is there unless first), r < R: token-major v.
 template <int R, int CV>
-void value_tm(const Args& a, const float* st, int64_t r0, int64_t c0, int64_t k0, int64_t k1, float* o, bool first) {
+void value_tm(const Args& a, const float* st, int64_t r0, int64_t c0, int64_t k0, int64_t k1, float* o, bool first,
+              const float* inv) {
   Vec acc[R][CV];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < CV; ++m) acc[r][m] = first ? Vec(0.f) : Vec::loadu(o + r * a.c + m * V);
@@ -120,8 +127,10 @@ void value_tm(const Args& a, const float* st, int64_t r0, int64_t c0, int64_t k0
       for (int m = 0; m < CV; ++m) acc[r][m] = at::vec::fmadd(sb, vk[m], acc[r][m]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < CV; ++m) acc[r][m].store(o + r * a.c + m * V);
+  for (int r = 0; r < R; ++r) {
+    const Vec iv(inv ? inv[r] : 1.f);  // the softmax's division, when this is the last block of keys
+    for (int m = 0; m < CV; ++m) (inv ? acc[r][m] * iv : acc[r][m]).store(o + r * a.c + m * V);
+  }
 }
 
 // O^T[c0 + i, tile] = sum_j v[c0 + i, j] S^T[j, tile] (+ acc), i < RC: channel-major v; acc: (RC, TQ) floats.
@@ -147,26 +156,33 @@ void value_cm(const Args& a, const float* st, int64_t c0, int64_t k0, int64_t k1
   }
 }
 
+// inv: nullptr, or the rows' 1 / (softmax sum) when k1 is the last key (then stored divided)
 template <int R>
-void value_tm_rows(const Args& a, const float* st, int64_t r0, int64_t k0, int64_t k1, float* o, bool first) {
+void value_tm_rows(const Args& a, const float* st, int64_t r0, int64_t k0, int64_t k1, float* o, bool first,
+                   const float* inv) {
   int64_t c0 = 0;
-  for (; c0 + VC * V <= a.c; c0 += VC * V) value_tm<R, VC>(a, st, r0, c0, k0, k1, o + c0, first);
-  for (; c0 + V <= a.c; c0 += V) value_tm<R, 1>(a, st, r0, c0, k0, k1, o + c0, first);
+  for (; c0 + VC * V <= a.c; c0 += VC * V) value_tm<R, VC>(a, st, r0, c0, k0, k1, o + c0, first, inv);
+  for (; c0 + V <= a.c; c0 += V) value_tm<R, 1>(a, st, r0, c0, k0, k1, o + c0, first, inv);
   for (; c0 < a.c; ++c0)  // the last channels, fewer than one vector
     for (int r = 0; r < R; ++r) {
       float s = first ? 0.f : o[r * a.c + c0];
       for (int64_t j = k0; j < k1; ++j) s += st[j * TQ + r0 + r] * a.v[j * a.svn + c0 * a.svc];
-      o[r * a.c + c0] = s;
+      o[r * a.c + c0] = inv ? s * inv[r] : s;
     }
 }
 
 void tile(const Args& a, int64_t t0, float* st, float* qt, float* cm_acc) {
   const int64_t n = a.n, rows = std::min(TQ, n - t0);
-  for (int64_t d = 0; d < a.cq; ++d)  // Q^T tile, scaled; zeros past the last query
-    for (int64_t r = 0; r < TQ; ++r) qt[d * TQ + r] = r < rows ? a.q[d * a.sqd + (t0 + r) * a.sqn] * a.scale : 0.f;
+  // Q^T tile, scaled; zeros past the last query. Read a query at a time: token-major queries (a channels-last map,
+  // as the deploy layer passes them) are one run of Cq floats each
+  if (rows < TQ) std::fill(qt, qt + a.cq * TQ, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* qr = a.q + (t0 + r) * a.sqn;
+    for (int64_t d = 0; d < a.cq; ++d) qt[d * TQ + r] = qr[d * a.sqd] * a.scale;
+  }
   // the bias of the tile's queries, gathered down its rows (queries past the last row read the last row again:
   // their columns are never stored)
-  const float* bias = a.bias ? a.bias + t0 * a.sb0 : nullptr;
+  const float* bias = a.bias_t ? a.bias_t + t0 : a.bias ? a.bias + t0 * a.sb0 : nullptr;
   alignas(64) int32_t idx[TQ];
   for (int64_t r = 0; r < TQ; ++r) idx[r] = static_cast<int32_t>(std::min(r, rows - 1) * a.sb0);
   const VecI bi0 = VecI::loadu(idx), bi1 = VecI::loadu(idx + V);
@@ -205,24 +221,20 @@ void tile(const Args& a, int64_t t0, float* st, float* qt, float* cm_acc) {
     float* o = a.out + t0 * a.c;
     for (int64_t k0 = 0; k0 < n; k0 += KEYS_TM) {
       const int64_t k1 = std::min(n, k0 + KEYS_TM);
+      const float* iv = k1 == n ? inv : nullptr;  // the last block of keys stores the rows divided by their sums
       for (int64_t r = 0; r < rows;) {  // blocks of VR query rows; the rest as one smaller block (8 left: 4 + 4)
         const int64_t left = rows - r, rr = left == 8 ? 4 : std::min<int64_t>(VR, left);
+        const float* ivr = iv ? iv + r : nullptr;
         switch (rr) {
-          case 6: value_tm_rows<6>(a, st, r, k0, k1, o + r * a.c, k0 == 0); break;
-          case 5: value_tm_rows<5>(a, st, r, k0, k1, o + r * a.c, k0 == 0); break;
-          case 4: value_tm_rows<4>(a, st, r, k0, k1, o + r * a.c, k0 == 0); break;
-          case 3: value_tm_rows<3>(a, st, r, k0, k1, o + r * a.c, k0 == 0); break;
-          case 2: value_tm_rows<2>(a, st, r, k0, k1, o + r * a.c, k0 == 0); break;
-          default: value_tm_rows<1>(a, st, r, k0, k1, o + r * a.c, k0 == 0);
+          case 6: value_tm_rows<6>(a, st, r, k0, k1, o + r * a.c, k0 == 0, ivr); break;
+          case 5: value_tm_rows<5>(a, st, r, k0, k1, o + r * a.c, k0 == 0, ivr); break;
+          case 4: value_tm_rows<4>(a, st, r, k0, k1, o + r * a.c, k0 == 0, ivr); break;
+          case 3: value_tm_rows<3>(a, st, r, k0, k1, o + r * a.c, k0 == 0, ivr); break;
+          case 2: value_tm_rows<2>(a, st, r, k0, k1, o + r * a.c, k0 == 0, ivr); break;
+          default: value_tm_rows<1>(a, st, r, k0, k1, o + r * a.c, k0 == 0, ivr);
         }
         r += rr;
       }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const Vec iv(inv[r]);
-      int64_t c0 = 0;
-      for (; c0 + V <= a.c; c0 += V) (Vec::loadu(o + r * a.c + c0) * iv).store(o + r * a.c + c0);
-      for (; c0 < a.c; ++c0) o[r * a.c + c0] *= inv[r];
     }
   } else {
     const Vec i0 = Vec::loadu(inv), i1 = Vec::loadu(inv + V);
@@ -278,20 +290,34 @@ at::Tensor reuse_core(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   at::Tensor out = token_major ? at::empty({B, n, c}, v.options()) : at::empty({B, c, n}, v.options());
   if (B == 0 || n == 0 || c == 0) return out;
   const int64_t tiles = (n + TQ - 1) / TQ;
-  for (int64_t b = 0; b < B; ++b) {
-    Args a{q.data_ptr<float>() + b * q.stride(0), q.stride(1), q.stride(2),
-           k.data_ptr<float>() + b * k.stride(0), k.stride(1), k.stride(2),
-           v.data_ptr<float>() + b * v.stride(0), v.stride(1), v.stride(2),
-           bias.defined() ? bias.data_ptr<float>() : nullptr, bias.defined() ? bias.stride(0) : 0,
-           bias.defined() ? bias.stride(1) : 0, n, cq, c, static_cast<float>(scale), token_major,
-           out.data_ptr<float>() + b * n * c};
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor sbuf = at::empty({n, TQ}, q.options());  // this thread's slice of the map, transposed
-      std::vector<float> qt(cq * TQ), cm_acc(CMR * TQ);
-      for (int64_t t = begin; t < end; ++t)
-        tile(a, t * TQ, sbuf.data_ptr<float>(), qt.data(), cm_acc.data());
-    });
+  // one parallel loop over every (image, tile): with UniForm's 7 x 7 windows a call is many small images (N = 49,
+  // two tiles each), and a loop, a map buffer and query buffers per image cost more than the image's own work
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  // Small maps (UniForm's windows: N = 49, two tiles) read the bias transposed, a vector of queries per load, instead
+  // of gathering it down its rows for every key of every tile: (N, tiles TQ) floats made once per call, zeros past
+  // the last query. Large maps keep the gathers (a copy of an N x N bias would double its memory).
+  at::Tensor bt;
+  const int64_t ldt = tiles * TQ;
+  if (bp && n * ldt <= kBiasCopyFloats) {
+    bt = at::zeros({n, ldt}, q.options());
+    bt.narrow(1, 0, n).copy_(bias.t());
   }
+  const float* btp = bt.defined() ? bt.data_ptr<float>() : nullptr;
+  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor sbuf = at::empty({n, TQ}, q.options());  // this thread's slice of the map, transposed
+    std::vector<float> qt(cq * TQ), cm_acc(CMR * TQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / tiles;
+      Args a{qp + b * q.stride(0), q.stride(1), q.stride(2), kp + b * k.stride(0), k.stride(1), k.stride(2),
+             vp + b * v.stride(0), v.stride(1), v.stride(2), bp, bp ? bias.stride(0) : 0, bp ? bias.stride(1) : 0,
+             btp, ldt, n, cq, c, static_cast<float>(scale), token_major, op + b * n * c};
+      tile(a, (t % tiles) * TQ, sbuf.data_ptr<float>(), qt.data(), cm_acc.data());
+    }
+  });
   return out;
 }
 
