@@ -76,6 +76,7 @@ import torch.nn.functional as F
 import uniform_vit  # noqa: F401  (registers uniform_*)
 import uniform_vit.layers.conv as conv_mod
 from uniform_vit.bench.harness import interleaved_timing, median, paired_ratio
+from uniform_vit.layers.attention import ReuseAttentionDeploy, reuse_attention
 from uniform_vit.layers.conv import (
     FFN,
     DepthwiseConv2d,
@@ -85,7 +86,6 @@ from uniform_vit.layers.conv import (
     SameConv2d,
     _pointwise_traceable,
 )
-from uniform_vit.layers.attention import ReuseAttentionDeploy, reuse_attention
 from uniform_vit.layers.fuse import reparameterize
 from uniform_vit.models.uniform import DeployPatchMerging, DeployStem, PatchMerging, _to_channels_last
 from uniform_vit.utils.malloc import tune_allocator
