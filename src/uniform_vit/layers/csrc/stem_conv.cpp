@@ -128,6 +128,12 @@ void stem_rows(const float* x, int64_t B, int64_t cin, int64_t H, int64_t W, con
 // 128-bit pieces of the channels-last row. The row's last group may hold fewer than 4 pixels: its input columns
 // past the image read the zero padding of E and O, and only its real pixels are stored.
 
+#ifdef STEM_QUADS8
+constexpr bool kStemQuads8 = true;  // A/B switch: 8 output channels through the quads code too
+#else
+constexpr bool kStemQuads8 = false;
+#endif
+
 // Split input row `row` (W floats) into E[j] = row[2j] and O[j + 1] = row[2j + 1]; O[0] stays 0 (column -1). Entries
 // past the row's end are written as 0 (masked loads) up to 16 * ceil(W / 32) - 1, the rest were zeroed at allocation.
 inline void split_columns(const float* row, int64_t W, float* E, float* O) {
@@ -179,20 +185,96 @@ inline void run_quads(const float* const* E, const float* const* O, const float*
   }
 }
 
+// 8 output channels (uniform_t), session 31: a register holds 16 neighbouring output pixels of one channel, so a
+// tap's input is a plain 512-bit load from the split row (no broadcast of 4 values to quads) and its 8 weights are
+// scalar broadcasts, each multiplied into the run's PV pixel vectors; per tap and kernel column PV + 8 loads for 8 PV
+// FMAs (3 + 8 for 24) against 10 for 16 in the quads above. At the end the 8 channel vectors of each 16 pixels are
+// transposed in registers into 8 vectors of 2 pixels x 8 channels (32 shuffles) and stored as channels-last rows.
+
+// a[c]: channel c of 16 pixels; o[k]: pixels 2k and 2k + 1, channels 0-7 each
+inline void transpose_8x16(const __m512* a, __m512* o) {
+  const __m512 u0 = _mm512_unpacklo_ps(a[0], a[1]), u1 = _mm512_unpackhi_ps(a[0], a[1]);
+  const __m512 u2 = _mm512_unpacklo_ps(a[2], a[3]), u3 = _mm512_unpackhi_ps(a[2], a[3]);
+  const __m512 u4 = _mm512_unpacklo_ps(a[4], a[5]), u5 = _mm512_unpackhi_ps(a[4], a[5]);
+  const __m512 u6 = _mm512_unpacklo_ps(a[6], a[7]), u7 = _mm512_unpackhi_ps(a[6], a[7]);
+  // in each 128-bit lane L: v[q] = pixel 4 L + q, channels 0-3; w[q] = the same pixel, channels 4-7
+  const __m512 v[4] = {_mm512_shuffle_ps(u0, u2, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u0, u2, _MM_SHUFFLE(3, 2, 3, 2)),
+                       _mm512_shuffle_ps(u1, u3, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u1, u3, _MM_SHUFFLE(3, 2, 3, 2))};
+  const __m512 w[4] = {_mm512_shuffle_ps(u4, u6, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u4, u6, _MM_SHUFFLE(3, 2, 3, 2)),
+                       _mm512_shuffle_ps(u5, u7, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u5, u7, _MM_SHUFFLE(3, 2, 3, 2))};
+  __m512 lo[4], hi[4];  // lo[q]: (v[q] lanes 0, 1, w[q] lanes 0, 1); hi[q]: lanes 2, 3 of each
+  for (int q = 0; q < 4; ++q) {
+    lo[q] = _mm512_shuffle_f32x4(v[q], w[q], _MM_SHUFFLE(1, 0, 1, 0));
+    hi[q] = _mm512_shuffle_f32x4(v[q], w[q], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int q = 0; q < 4; q += 2) {  // pixels 4 L + q and 4 L + q + 1: o[2 L + q / 2]
+    o[0 + q / 2] = _mm512_shuffle_f32x4(lo[q], lo[q + 1], _MM_SHUFFLE(2, 0, 2, 0));
+    o[2 + q / 2] = _mm512_shuffle_f32x4(lo[q], lo[q + 1], _MM_SHUFFLE(3, 1, 3, 1));
+    o[4 + q / 2] = _mm512_shuffle_f32x4(hi[q], hi[q + 1], _MM_SHUFFLE(2, 0, 2, 0));
+    o[6 + q / 2] = _mm512_shuffle_f32x4(hi[q], hi[q + 1], _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// One run of PV vectors of 16 output pixels from pixel j0. wk[t]: tap t's (3, 8) weights (kernel column, channel).
+template <int PV>
+inline void run_pixels16(const float* const* E, const float* const* O, const float* const* wk, int ntaps,
+                         const float* b8, int64_t j0, int64_t OW, float* orow, bool relu) {
+  __m512 acc[8][PV];
+  for (int c = 0; c < 8; ++c)
+    for (int p = 0; p < PV; ++p) acc[c][p] = _mm512_set1_ps(b8[c]);
+  for (int t = 0; t < ntaps; ++t) {
+#pragma GCC unroll 3
+    for (int kx = 0; kx < 3; ++kx) {
+      const float* src = (kx == 1 ? E[t] : O[t] + (kx == 2)) + j0;
+      const float* w = wk[t] + kx * 8;
+      __m512 xv[PV];
+      for (int p = 0; p < PV; ++p) xv[p] = _mm512_loadu_ps(src + 16 * p);
+      for (int c = 0; c < 8; ++c) {
+        const __m512 wv = _mm512_set1_ps(w[c]);
+        for (int p = 0; p < PV; ++p) acc[c][p] = _mm512_fmadd_ps(xv[p], wv, acc[c][p]);
+      }
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int p = 0; p < PV; ++p) {
+    __m512 a[8], o[8];
+    for (int c = 0; c < 8; ++c) a[c] = relu ? _mm512_max_ps(acc[c][p], zero) : acc[c][p];
+    transpose_8x16(a, o);
+    const int64_t j = j0 + 16 * p;
+    for (int k = 0; k < 8; ++k) {
+      const int64_t left = OW - (j + 2 * k);  // pixels of this pair inside the row
+      if (left >= 2) _mm512_storeu_ps(orow + (j + 2 * k) * 8, o[k]);
+      else if (left == 1) _mm512_mask_storeu_ps(orow + (j + 2 * k) * 8, 0x00FF, o[k]);
+    }
+  }
+}
+
+template <int PV>
+inline void run_pixels16_n(int n, const float* const* E, const float* const* O, const float* const* wk, int ntaps,
+                           const float* b8, int64_t j0, int64_t OW, float* orow, bool relu) {
+  if constexpr (PV > 1)
+    if (n < PV) return run_pixels16_n<PV - 1>(n, E, O, wk, ntaps, b8, j0, OW, orow, relu);
+  run_pixels16<PV>(E, O, wk, ntaps, b8, j0, OW, orow, relu);
+}
+
 // Registers: R x G accumulators + R broadcast inputs + 1 weight vector (of 32).
 template <int G>
 constexpr int groups_per_run() {
   return G == 2 ? 8 : G == 4 ? 5 : 4;
 }
 
-template <int G>
+// G: accumulators per 4-pixel group in the quads code; PIX: the 16-pixel vectors above instead (G = 2 only; w16 and
+// b16 are then the (Cin, 3, 3, 8) weights and 8 biases, not repeated)
+template <int G, bool PIX = false>
 void stem_rows_512(const float* x, int64_t B, int64_t cin, int64_t H, int64_t W, const float* w16, const float* b16,
                    bool relu, float* out) {
+  static_assert(!PIX || G == 2, "the 16-pixel code is for 8 output channels");
   constexpr int R = groups_per_run<G>();
   const int64_t OH = (H + 1) / 2, OW = (W + 1) / 2, NG = (OW + 3) / 4;
   const int64_t L = 16 * ((W + 31) / 32) + 32;  // per split row: written part, the last group's reach, O's shift
   __m512 bias[G];
-  for (int m = 0; m < G; ++m) bias[m] = _mm512_loadu_ps(b16 + m * 16);
+  if constexpr (!PIX)
+    for (int m = 0; m < G; ++m) bias[m] = _mm512_loadu_ps(b16 + m * 16);
   at::parallel_for(0, B * OH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(static_cast<size_t>(cin * 3 * 2 * L), 0.f);
     std::vector<const float*> E(cin * 3), O(cin * 3), wk(cin * 3);
@@ -219,10 +301,19 @@ void stem_rows_512(const float* x, int64_t B, int64_t cin, int64_t H, int64_t W,
           if (iy < 0 || iy >= H) continue;
           float* e = slot[c * 3 + ky];
           if (!(follows && ky == 0)) split_columns(x + ((img * cin + c) * H + iy) * W, W, e, e + L);
-          E[ntaps] = e, O[ntaps] = e + L, wk[ntaps] = w16 + (c * 3 + ky) * 3 * G * 16;
+          E[ntaps] = e, O[ntaps] = e + L, wk[ntaps] = w16 + (c * 3 + ky) * 3 * (PIX ? 8 : G * 16);
           ++ntaps;
         }
       float* orow = out + t * OW * 4 * G;
+      if constexpr (PIX) {  // the row's 16-pixel vectors in runs of up to 3, as equal as can be
+        const int64_t nv = (OW + 15) / 16, runs = (nv + 2) / 3, base = nv / runs, more = nv % runs;
+        for (int64_t i = 0, v = 0; i < runs; ++i) {
+          const int n = static_cast<int>(base + (i < more));
+          run_pixels16_n<3>(n, E.data(), O.data(), wk.data(), ntaps, b16, 16 * v, OW, orow, relu);
+          v += n;
+        }
+        continue;
+      }
       int64_t g = 0;
       for (; g + R <= NG; g += R) run_quads<G, R>(E.data(), O.data(), wk.data(), ntaps, bias, 4 * g, OW, orow, relu);
       if constexpr (R >= 4)
@@ -245,9 +336,12 @@ at::Tensor stem_conv(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
   at::Tensor out = at::empty({B, cout, (H + 1) / 2, (W + 1) / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
 #if defined(__AVX512F__) && !defined(STEM_CONV_256)
-  // (Cin, 3, 3, Cout x 4) and (Cout x 4): every weight and bias four times, once per pixel of a quad
-  const at::Tensor wt = w.permute({1, 2, 3, 0}).repeat_interleave(4, -1).contiguous();
-  const at::Tensor bc = b.repeat_interleave(4).contiguous();
+  // (Cin, 3, 3, Cout x 4) and (Cout x 4): every weight and bias four times, once per pixel of a quad; 8 outputs
+  // (the 16-pixel code) read them once
+  const bool pix = cout == 8 && !kStemQuads8;
+  const at::Tensor wt = pix ? w.permute({1, 2, 3, 0}).contiguous()
+                            : w.permute({1, 2, 3, 0}).repeat_interleave(4, -1).contiguous();
+  const at::Tensor bc = pix ? b.contiguous() : b.repeat_interleave(4).contiguous();
 #else
   const at::Tensor wt = w.permute({1, 2, 3, 0}).contiguous();  // (Cin, 3, 3, Cout): a row of Cout per tap
   const at::Tensor bc = b.contiguous();
@@ -258,7 +352,10 @@ at::Tensor stem_conv(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
   float* op = out.data_ptr<float>();
   switch (cout) {
 #if defined(__AVX512F__) && !defined(STEM_CONV_256)
-    case 8: stem_rows_512<2>(xp, B, cin, H, W, wp, bp, relu, op); break;
+    case 8:
+      if (pix) stem_rows_512<2, true>(xp, B, cin, H, W, wp, bp, relu, op);
+      else stem_rows_512<2>(xp, B, cin, H, W, wp, bp, relu, op);
+      break;
     case 16: stem_rows_512<4>(xp, B, cin, H, W, wp, bp, relu, op); break;
     default: stem_rows_512<6>(xp, B, cin, H, W, wp, bp, relu, op);
 #else
