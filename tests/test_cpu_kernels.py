@@ -301,7 +301,8 @@ def dw_op():
 def test_depthwise_conv_matches_aten(c, k, stride, dw_op):
     g = torch.Generator().manual_seed(c * 10 + k + stride)
     w, b = torch.randn(c, 1, k, k, generator=g), torch.randn(c, generator=g)
-    for h, wd in [(7, 7), (14, 9), (2, 3), (1, 1), (4, 4)]:  # maps smaller than the kernel too
+    # maps smaller than the kernel too; 5-8 pixels a side take the AVX-512 build's zero-bordered path (runs of 5-8)
+    for h, wd in [(7, 7), (14, 9), (2, 3), (1, 1), (4, 4), (5, 8), (8, 6)]:
         x = torch.randn(2, c, h, wd, generator=g).contiguous(memory_format=torch.channels_last)
         ref = F.conv2d(x, w, b, stride, k // 2, 1, c)
         out = dw_op(x, w, b, stride)
@@ -309,6 +310,8 @@ def test_depthwise_conv_matches_aten(c, k, stride, dw_op):
         assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (h, wd)
     assert torch.allclose(dw_op(x, w, None, stride), F.conv2d(x, w, None, stride, k // 2, 1, c), atol=1e-5)
     assert torch.equal(dw_op(x.contiguous(), w, b, stride), out)  # an NCHW input is read through a copy
+    taps = w.reshape(c, k * k).t().contiguous()  # the (k*k, C) weight the module keeps
+    assert torch.equal(dw_op(x, taps, b, stride), out)
     # a channel slice of a wider channels-last map (attention's queries) is read in place
     wide = torch.randn(2, c + 7, x.shape[2], x.shape[3], generator=g).contiguous(memory_format=torch.channels_last)
     wide[:, 3:3 + c] = x
@@ -318,8 +321,9 @@ def test_depthwise_conv_matches_aten(c, k, stride, dw_op):
 
 
 @needs_kernel
-def test_depthwise_conv_threads_give_the_same_numbers(dw_op):
-    x = torch.randn(4, 72, 14, 14).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize('size', [14, 7])
+def test_depthwise_conv_threads_give_the_same_numbers(dw_op, size):
+    x = torch.randn(5, 72, size, size).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(72, 1, 7, 7), torch.randn(72)
     one, two = _one_and_two_threads(lambda: dw_op(x, w, b, 1))
     assert torch.equal(one, two)
@@ -332,6 +336,8 @@ def test_depthwise_conv_rejects_bad_inputs(dw_op):
         dw_op(x, torch.randn(8, 1, 4, 4), None, 1)
     with pytest.raises(RuntimeError, match=r'is not \(C, 1, k, k\)'):
         dw_op(x, torch.randn(4, 1, 3, 3), None, 1)
+    with pytest.raises(RuntimeError, match=r'is not \(k\*k, C\)'):
+        dw_op(x, torch.randn(8, 8), None, 1)
     with pytest.raises(RuntimeError, match='float32'):
         dw_op(x.double(), torch.randn(8, 1, 3, 3).double(), None, 1)
     with pytest.raises(RuntimeError, match='stride must be positive'):
@@ -609,6 +615,80 @@ def test_pointwise_conv_threads_bad_inputs_and_flops():
     with pytest.raises(RuntimeError, match=r'expected x \(M, K\)'):
         op(x[None], wt, b, False)
     assert _flops(lambda: op(x, wt, b, False)) == 2 * 700 * 48 * 96
+
+
+@needs_kernel
+def test_token_row_ops_take_maps_and_a_residual(ffn_op):
+    # a channels-last (B, C, H, W) map is its (B*H*W, C) rows: same numbers, returned as a channels-last map (the
+    # deploy form passes maps, so a trace records no views around the ops); the 1x1 op adds a residual in its store
+    pw = _op('pointwise_conv')
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 24, 5, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 24)
+    wt, b = torch.randn(24, 40, generator=g), torch.randn(40, generator=g)
+    out = pw(x, wt, b, True)
+    assert out.shape == (3, 40, 5, 7) and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out.permute(0, 2, 3, 1).reshape(-1, 40), pw(rows, wt, b, True))
+    assert torch.equal(pw(x.contiguous(), wt, b, True), out)  # an NCHW map goes through a channels-last copy
+    res = torch.randn(3, 40, 5, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(pw(x, wt, b, False, False, res), pw(x, wt, b, False) + res, atol=1e-6)
+    assert torch.allclose(pw(x, cpu_kernels.pack_panels(wt), b, False, True, res), pw(x, wt, b, False) + res,
+                          atol=1e-5)
+    assert torch.allclose(pw(rows, wt, None, False, False, res.permute(0, 2, 3, 1).reshape(-1, 40)),
+                          rows @ wt + res.permute(0, 2, 3, 1).reshape(-1, 40), atol=1e-5)
+    with pytest.raises(RuntimeError, match='shaped like the output'):
+        pw(x, wt, b, False, False, res[:, :39])
+    with pytest.raises(RuntimeError, match='a residual and a ReLU'):
+        pw(x, wt, b, True, False, res)
+    assert _flops(lambda: pw(x, wt, b, False)) == 2 * 3 * 5 * 7 * 24 * 40
+    w1t, w2t = torch.randn(24, 48, generator=g), torch.randn(48, 24, generator=g)
+    b1, b2 = torch.randn(48, generator=g), torch.randn(24, generator=g)
+    y = ffn_op(x, w1t, b1, w2t, b2)
+    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y.permute(0, 2, 3, 1).reshape(-1, 24), ffn_op(rows, w1t, b1, w2t, b2))
+    assert _flops(lambda: ffn_op(x, w1t, b1, w2t, b2)) == 4 * 3 * 5 * 7 * 24 * 48
+
+
+@needs_kernel
+def test_head_linear_runs_on_the_product_for_batches():
+    from uniform_vit.layers.conv import BNLinear, KernelLinear
+
+    head = BNLinear(48, 10).eval()
+    with torch.no_grad():
+        head.bn.running_mean.uniform_(-1, 1)
+        head.bn.running_var.uniform_(0.5, 2)
+    fused = head.fuse()
+    assert type(fused) is KernelLinear and set(fused.state_dict()) == {'weight', 'bias'}
+    for rows, kernel in ((16, True), (1, False)):  # one row (batch-1 latency) keeps addmm, which is faster there
+        x = torch.randn(rows, 48)
+        with torch.no_grad(), OpLog() as log:
+            out = fused(x)
+        assert ('uniform_vit.pointwise_conv' in log.ops) == kernel
+        with torch.no_grad():
+            assert torch.allclose(out, head(x), atol=1e-5)
+    x = torch.randn(16, 48)
+    with torch.no_grad(), aten_only(), OpLog() as log:
+        fused(x)
+    assert 'uniform_vit.pointwise_conv' not in log.ops
+    x.requires_grad_()
+    fused(x).sum().backward()  # training keeps nn.Linear's autograd
+    assert x.grad is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize('layout', ['token-major', 'channel-major'])
+@pytest.mark.parametrize('n', [49, 100])  # 100: two blocks of keys in the token-major value product
+def test_kernel_relu_is_applied_at_the_store(kernel, layout, n):
+    g = torch.Generator().manual_seed(n)
+    q, k, v = _inputs(layout, 3, n, 32, g)
+    bias = torch.randn(n, n, generator=g)
+    ref = reuse_attention(q, k, v, bias, 0.3, 'eager').relu()
+    with torch.no_grad():
+        out = reuse_attention(q, k, v, bias, 0.3, 'auto', relu=True)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4) and (out >= 0).all()
+        aten_tiles = attention._reuse_tiled(q, k, v, bias, 0.3, tile=16, relu=True)  # a tile size: the ATen loop
+        assert torch.allclose(aten_tiles, ref, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(reuse_attention(q, k, v, bias, 0.3, 'eager', relu=True), ref)
 
 
 @needs_kernel

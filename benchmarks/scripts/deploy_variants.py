@@ -55,6 +55,8 @@ outputs agree. Variants:
   (permute, reshape, then view and permute back), attention's output viewed with sizes read from the input, and
   patch merging's squeeze-excite on token rows: the deploy form before session 31, whose trace held twice the graph
   nodes (size arithmetic), instead of the ops taking the map itself.
+* ``attn-separate``: attention's projection ReLU and its block's residual add as separate ops, the deploy form
+  before session 31, instead of in the C++ core's and the 1x1 conv's stores.
 * ``attn-eager``: Reuse Attention on UniForm's 7x7 windows as batched ATen products (``impl='eager'``), the deploy
   form before session 31, instead of the C++ core.
 * ``prepacked1x1``: every 1x1 conv's oneDNN matmul on a weight reordered once into oneDNN's blocked layout
@@ -265,13 +267,24 @@ def _ffn_token_views(self: ResidualFFN, x: torch.Tensor) -> torch.Tensor:
     return conv_mod._on_token_rows(x, lambda t: op(t, w1t, self.m.pw1.bias, w2t, self.m.pw2.bias, True))
 
 
-def _attn_shape_views(self: ReuseAttentionDeploy, x: torch.Tensor) -> torch.Tensor:
+def _attn_shape_views(self: ReuseAttentionDeploy, x: torch.Tensor, residual=None) -> torch.Tensor:
     B, C, H, W = x.shape
     q, k = self.qk(x).split([self.qk_dim, self.qk_dim], dim=1)
     q = self.q_dw(q)
     v = self.v_conv(x)
-    out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.rel_bias(H, W)[0], self.scale, self.impl)
-    return self.proj(out.view(B, C, H, W))
+    out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.rel_bias(H, W)[0], self.scale, self.impl,
+                          relu=True)
+    return self.proj[1](out.view(B, C, H, W), residual)
+
+
+def _attn_separate(self: ReuseAttentionDeploy, x: torch.Tensor, residual=None) -> torch.Tensor:
+    q, k = self.qk(x).split([self.qk_dim, self.qk_dim], dim=1)
+    q = self.q_dw(q)
+    v = self.v_conv(x)
+    out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.rel_bias(x.shape[2], x.shape[3])[0],
+                          self.scale, self.impl)
+    out = self.proj(out.view_as(x))
+    return out if residual is None else out + residual
 
 
 def _se_token_views(self: DeployPatchMerging, y: torch.Tensor) -> torch.Tensor:
@@ -284,7 +297,15 @@ def _se_token_views(self: DeployPatchMerging, y: torch.Tensor) -> torch.Tensor:
 
 
 def _patch(model: nn.Module, cls: type | tuple, fn, name: str = 'forward') -> None:
-    """Bind ``fn`` as method ``name`` on every ``cls`` module of ``model`` (an instance override of its class's)."""
+    """Bind ``fn`` as method ``name`` on every ``cls`` module of ``model`` (an instance override of its class's). A
+    1x1 conv's replacement forward(x) also takes the residual that attention's projection may pass (added after)."""
+    if name == 'forward' and cls is PointwiseConv2d:
+        inner = fn
+
+        def fn(self, x, residual=None):  # noqa: F811
+            y = inner(self, x)
+            return y if residual is None else y + residual
+
     for m in model.modules():
         if isinstance(m, cls):
             setattr(m, name, types.MethodType(fn, m))
@@ -365,6 +386,8 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
         _patch(model, ResidualFFN, _ffn_token_views)
         _patch(model, ReuseAttentionDeploy, _attn_shape_views)
         _patch(model, DeployPatchMerging, _se_token_views, '_squeeze_excite')
+    elif variant == 'attn-separate':
+        _patch(model, ReuseAttentionDeploy, _attn_separate)
     elif variant == 'attn-eager':
         for m in model.modules():
             if isinstance(m, ReuseAttentionDeploy):
@@ -380,7 +403,7 @@ VARIANTS = ('postops-ffn', 'postops-pm', 'postops-stem', 'stem-nchw-conv1', 'ste
             'stem-aten', 'dw-aten', 'prepacked1x1', 'ffn-onednn', 'pw-onednn', 'stem3x3-aten',
             'stem3x3-all', 'pm-separate', 'se-timm', 'dw-slices-aten',
             'dw-full-taps', 'stem3x3-max16', 'stem-chunks1', 'stem-chunks2', 'stem-chunks4', 'stem-chunks8',
-            'stem-chunks16', 'token-views', 'attn-eager',
+            'stem-chunks16', 'token-views', 'attn-eager', 'attn-separate',
             'unpacked')
 
 

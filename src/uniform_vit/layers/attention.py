@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conv import ConvNorm, in_aten_only, make_conv
+from .conv import ConvNorm, PointwiseConv2d, in_aten_only, make_conv
 
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {}
 
@@ -82,7 +82,7 @@ def _cpu_kernel_may_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bo
 
 
 def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
-                 tile: int | None = None) -> torch.Tensor:
+                 tile: int | None = None, relu: bool = False) -> torch.Tensor:
     """Query-tiled shared map: per image and per tile of queries, logits (T, N) -> softmax -> ONE matmul with every
     head's values. Only one (T, N) slice of the map exists at a time, softmaxed in place (PyTorch's CPU softmax reads
     each row before writing it; the tests compare with 'eager'), instead of the (B, N, N) map. Same arithmetic per
@@ -123,13 +123,13 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     if tile is None and v.device.type != 'cpu' and gpu_kernels.usable(q, k, v, bias):
         out = gpu_kernels.reuse_core_or_none(q, k, v, bias, scale)  # CUDA: one fused Triton kernel
         if out is not None:
-            return out
+            return out.relu_() if relu else out
     if B == 0:  # nothing to attend; the buffers below are chosen from the first image
         return v.new_empty(B, N, C).transpose(1, 2)
     if tile is None and _cpu_kernel_may_run(q, k, v):
         kernel = reuse_core()  # None where it is not built; an explicit tile size asks for the ATen path
         if kernel is not None:
-            out = kernel(q, k, v, bias, scale)
+            out = kernel(q, k, v, bias, scale, relu)  # the ReLU applied as each row is stored
             return out.transpose(1, 2) if _token_major(v) else out
     tile = tile or query_tile(N, q.element_size())
     qt, vt = q.transpose(1, 2), v.transpose(1, 2)  # (B, N, Cq), (B, N, C): views, BLAS takes either layout
@@ -182,11 +182,13 @@ def _reuse_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
             else:
                 torch.mm(at, vt[b], out=out[b, s:e])  # (T, C): every head in one matmul
             del at  # free this tile's logits before the next tile allocates its own
+    if relu:
+        out.relu_()
     return out if channel_out else out.transpose(1, 2)
 
 
 def reuse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
-                    impl: str = 'auto') -> torch.Tensor:
+                    impl: str = 'auto', relu: bool = False) -> torch.Tensor:
     """One softmax map from narrow q/k applied to every head's values at once.
 
     q, k: (B, Cq, N); v: (B, C, N); bias: (N, N) or None. Returns (B, C, N). 'eager' lays it out like ``v`` (a
@@ -201,6 +203,9 @@ def reuse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     (UniForm's 7 x 7 windows, N = 49, ran 2.0-2.5x 'eager' with it; benchmarks/RESULTS.md, section 1, session 31) and
     from N = 512 without it; on CUDA from N = 512 where the Triton kernel can run, which 'tiled' then uses. Else
     'eager'.
+
+    ``relu=True`` returns ``relu(out)`` (what UniForm's projection applies first): the C++ core applies it as it
+    stores each row, instead of a pass over the output.
     """
     N = q.shape[-1]
     if impl == 'auto':
@@ -217,7 +222,15 @@ def reuse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     if impl == 'tiled':
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
             raise ValueError("reuse attention impl 'tiled' is inference-only (it writes into buffers); use 'eager'")
-        return _reuse_tiled(q, k, v, bias, scale)
+        return _reuse_tiled(q, k, v, bias, scale, relu=relu)
+    out = _reuse_untiled(q, k, v, bias, scale, impl)
+    return torch.relu(out) if relu else out
+
+
+def _reuse_untiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                   impl: str) -> torch.Tensor:
+    """reuse_attention's 'sdpa' and 'eager' forms."""
+    N = q.shape[-1]
     if impl == 'sdpa':
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1), v.transpose(1, 2).unsqueeze(1),
@@ -359,13 +372,22 @@ class ReuseAttentionDeploy(nn.Module):
             start += c
         return d.train(m.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    adds_residual = True  # forward(x, residual) returns residual + attention(x): see Residual
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         q, k = self.qk(x).split([self.qk_dim, self.qk_dim], dim=1)
         q = self.q_dw(q)
         v = self.v_conv(x)
         bias = self.rel_bias(x.shape[2], x.shape[3])[0]
-        out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), bias, self.scale, self.impl)
-        return self.proj(out.view_as(x))  # view_as: a trace records no size arithmetic for it
+        act, conv = self.proj
+        if isinstance(act, nn.ReLU) and isinstance(conv, PointwiseConv2d):
+            # the projection's ReLU in the core's store and the block's residual in the 1x1 conv's (C++ ops; the
+            # ATen paths apply them as separate ops): 0.5-1 % of a traced uniform_t, near the noise (session 31)
+            out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), bias, self.scale, self.impl, relu=True)
+            return conv(out.view_as(x), residual)  # view_as: a trace records no size arithmetic for it
+        out = self.proj(reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), bias, self.scale, self.impl)
+                        .view_as(x))
+        return out if residual is None else out + residual
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,11 +448,17 @@ class WindowAttention(nn.Module):
         self.attn = attn
         self.window_size = window_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def adds_residual(self) -> bool:
+        """Whether ``forward(x, residual)`` is supported (``attn`` adds the residual itself)."""
+        return getattr(self.attn, 'adds_residual', False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn`` on the windows of ``x``, plus ``residual`` when given (only where ``adds_residual``)."""
         B, C, H, W = x.shape
         ws = self.window_size
         if ws >= H and ws >= W:
-            return self.attn(x)
+            return self.attn(x) if residual is None else self.attn(x, residual)
         cl = _channels_last(x)
         pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
         if pad_b or pad_r:
@@ -449,7 +477,7 @@ class WindowAttention(nn.Module):
             x = x.view(B, nh, nw, C, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(B, C, nh * ws, nw * ws)
         if pad_b or pad_r:
             x = x[:, :, :H, :W].contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-        return x
+        return x if residual is None else x + residual
 
     def fuse(self) -> WindowAttention:
         attn = self.attn.fuse() if hasattr(self.attn, 'fuse') else self.attn

@@ -237,12 +237,19 @@ class PointwiseConv2d(nn.Conv2d):
             return None
         return cpu_kernels.pointwise_conv()  # None inside torch.compile / ONNX export, or without the kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``conv(x)``, plus ``residual`` (shaped like the output) when given: the C++ op adds it as it stores each
+        row, instead of a separate pass over the map."""
         op = self._kernel_op(x)
-        if op is not None:
+        if op is not None and (residual is None or deploy_op_may_run(residual)):
             w, packed = self.weight, PACK_WEIGHTS
             wt, = kernel_layout(self, (w,), lambda: (kernel_matrix(w, packed),), tag=packed)
-            return op(x, wt, self.bias, False, packed)  # the channels-last map in, one out: no views to trace
+            # the channels-last map in, one out: no views to trace
+            return op(x, wt, self.bias, False, packed, residual)
+        y = self._forward(x)
+        return y if residual is None else y + residual
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._onednn_ok(x):
             fn = _pointwise_traceable() if torch.jit.is_tracing() else _pointwise_onednn
             return fn(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
@@ -496,6 +503,8 @@ class Residual(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.drop_path, nn.Identity) and getattr(self.m, 'adds_residual', False):
+            return self.m(x, x)  # the module adds x in its last op's store (deploy-form Reuse Attention)
         return x + self.drop_path(self.m(x))
 
     @torch.no_grad()

@@ -237,7 +237,8 @@ at::Tensor depthwise_conv(const at::Tensor& x_, const at::Tensor& w, const std::
   // w: the conv's (C, 1, k, k) weight, or the (k*k, C) taps-major copy the op reads (a caller that keeps it saves
   // the transpose every call)
   const bool taps_major = w.dim() == 2;
-  const int64_t k = taps_major ? static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(w.size(0))))) : w.size(2);
+  const int64_t k =
+      taps_major ? static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(w.size(0))))) : w.size(2);
   if (taps_major) {
     TORCH_CHECK(k * k == w.size(0) && w.size(1) == C && k % 2 == 1,
                 "depthwise_conv: weight ", w.sizes(), " is not (k*k, C) with odd k for ", C, " channels");

@@ -1,7 +1,8 @@
 // The query-tiled Reuse Attention core in one CPU op (uniform_vit/layers/cpu_kernels.py builds it;
 // uniform_vit/layers/attention.py, _reuse_tiled, calls it).
 //
-//   out = softmax(scale * q^T k + bias) v^T     q, k: (B, Cq, N) and v: (B, C, N), any strides; bias (N, N) or none.
+//   out = softmax(scale * q^T k + bias) v^T     q, k: (B, Cq, N) and v: (B, C, N), any strides; bias (N, N) or none;
+//   relu(out) when relu (UniForm's projection starts with one; applied as the rows are stored).
 //   Returns (B, N, C) memory for token-major v (v.stride(1) == 1, a flattened channels-last map), else (B, C, N).
 //
 // Why not ATen calls per tile: at N = 3136 the Python core made ~80 BLAS calls per product, and each call repacks
@@ -72,6 +73,7 @@ struct Args {
   int64_t n, cq, c;
   float scale;
   bool token_major;  // output (N, C) rows, else (C, N)
+  bool relu;         // store relu(out)
   float* out;        // image b
 };
 
@@ -128,8 +130,12 @@ void value_tm(const Args& a, const float* st, int64_t r0, int64_t c0, int64_t k0
     }
   }
   for (int r = 0; r < R; ++r) {
-    const Vec iv(inv ? inv[r] : 1.f);  // the softmax's division, when this is the last block of keys
-    for (int m = 0; m < CV; ++m) (inv ? acc[r][m] * iv : acc[r][m]).store(o + r * a.c + m * V);
+    const Vec iv(inv ? inv[r] : 1.f);  // the softmax's division (and the ReLU), when this is the last block of keys
+    for (int m = 0; m < CV; ++m) {
+      Vec y = inv ? acc[r][m] * iv : acc[r][m];
+      if (inv && a.relu) y = at::vec::clamp_min(y, Vec(0.f));
+      y.store(o + r * a.c + m * V);
+    }
   }
 }
 
@@ -167,7 +173,7 @@ void value_tm_rows(const Args& a, const float* st, int64_t r0, int64_t k0, int64
     for (int r = 0; r < R; ++r) {
       float s = first ? 0.f : o[r * a.c + c0];
       for (int64_t j = k0; j < k1; ++j) s += st[j * TQ + r0 + r] * a.v[j * a.svn + c0 * a.svc];
-      o[r * a.c + c0] = inv ? s * inv[r] : s;
+      o[r * a.c + c0] = inv ? (a.relu ? std::max(s * inv[r], 0.f) : s * inv[r]) : s;
     }
 }
 
@@ -258,7 +264,8 @@ void tile(const Args& a, int64_t t0, float* st, float* qt, float* cm_acc) {
       }
       for (int64_t i = 0; i < rc; ++i) {  // O^T rows: out[c0 + i, t0 : t0 + rows]
         float* dst = a.out + (c0 + i) * n + t0;
-        const Vec y0 = Vec::loadu(cm_acc + i * TQ) * i0, y1 = Vec::loadu(cm_acc + i * TQ + V) * i1;
+        Vec y0 = Vec::loadu(cm_acc + i * TQ) * i0, y1 = Vec::loadu(cm_acc + i * TQ + V) * i1;
+        if (a.relu) y0 = at::vec::clamp_min(y0, Vec(0.f)), y1 = at::vec::clamp_min(y1, Vec(0.f));
         if (rows == TQ) {
           y0.store(dst);
           y1.store(dst + V);
@@ -274,7 +281,7 @@ void tile(const Args& a, int64_t t0, float* st, float* qt, float* cm_acc) {
 }
 
 at::Tensor reuse_core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const std::optional<at::Tensor>& bias_opt, double scale) {
+                      const std::optional<at::Tensor>& bias_opt, double scale, bool relu) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "reuse_core: expected q, k (B, Cq, N) and v (B, C, N)");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "reuse_core: float32 tensors only");
@@ -314,7 +321,7 @@ at::Tensor reuse_core(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       const int64_t b = t / tiles;
       Args a{qp + b * q.stride(0), q.stride(1), q.stride(2), kp + b * k.stride(0), k.stride(1), k.stride(2),
              vp + b * v.stride(0), v.stride(1), v.stride(2), bp, bp ? bias.stride(0) : 0, bp ? bias.stride(1) : 0,
-             btp, ldt, n, cq, c, static_cast<float>(scale), token_major, op + b * n * c};
+             btp, ldt, n, cq, c, static_cast<float>(scale), token_major, relu, op + b * n * c};
       tile(a, (t % tiles) * TQ, sbuf.data_ptr<float>(), qt.data(), cm_acc.data());
     }
   });
@@ -332,7 +339,7 @@ int64_t parallel_width(int64_t tasks) {
 }  // namespace
 
 TORCH_LIBRARY(uniform_vit, m) {
-  m.def("reuse_core(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> Tensor");
+  m.def("reuse_core(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale, bool relu=False) -> Tensor");
   m.def("parallel_width(int tasks) -> int");
 }
 

@@ -198,10 +198,11 @@ inline void transpose_8x16(const __m512* a, __m512* o) {
   const __m512 u4 = _mm512_unpacklo_ps(a[4], a[5]), u5 = _mm512_unpackhi_ps(a[4], a[5]);
   const __m512 u6 = _mm512_unpacklo_ps(a[6], a[7]), u7 = _mm512_unpackhi_ps(a[6], a[7]);
   // in each 128-bit lane L: v[q] = pixel 4 L + q, channels 0-3; w[q] = the same pixel, channels 4-7
-  const __m512 v[4] = {_mm512_shuffle_ps(u0, u2, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u0, u2, _MM_SHUFFLE(3, 2, 3, 2)),
-                       _mm512_shuffle_ps(u1, u3, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u1, u3, _MM_SHUFFLE(3, 2, 3, 2))};
-  const __m512 w[4] = {_mm512_shuffle_ps(u4, u6, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u4, u6, _MM_SHUFFLE(3, 2, 3, 2)),
-                       _mm512_shuffle_ps(u5, u7, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u5, u7, _MM_SHUFFLE(3, 2, 3, 2))};
+  constexpr int even = _MM_SHUFFLE(1, 0, 1, 0), odd = _MM_SHUFFLE(3, 2, 3, 2);
+  const __m512 v[4] = {_mm512_shuffle_ps(u0, u2, even), _mm512_shuffle_ps(u0, u2, odd),
+                       _mm512_shuffle_ps(u1, u3, even), _mm512_shuffle_ps(u1, u3, odd)};
+  const __m512 w[4] = {_mm512_shuffle_ps(u4, u6, even), _mm512_shuffle_ps(u4, u6, odd),
+                       _mm512_shuffle_ps(u5, u7, even), _mm512_shuffle_ps(u5, u7, odd)};
   __m512 lo[4], hi[4];  // lo[q]: (v[q] lanes 0, 1, w[q] lanes 0, 1); hi[q]: lanes 2, 3 of each
   for (int q = 0; q < 4; ++q) {
     lo[q] = _mm512_shuffle_f32x4(v[q], w[q], _MM_SHUFFLE(1, 0, 1, 0));
