@@ -384,9 +384,11 @@ class ReuseAttentionDeploy(nn.Module):
             # the projection's ReLU in the core's store and the block's residual in the 1x1 conv's (C++ ops; the
             # ATen paths apply them as separate ops): 0.5-1 % of a traced uniform_t, near the noise (session 31)
             out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), bias, self.scale, self.impl, relu=True)
-            return conv(out.view_as(x), residual)  # view_as: a trace records no size arithmetic for it
+            # view_as: a trace records no size arithmetic for it; v, not x, whose last use it would become (the
+            # windowed stage's partitioned copy of x would then stay alive through the core: +0.8 MB peak in uniform_t)
+            return conv(out.view_as(v), residual)
         out = self.proj(reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), bias, self.scale, self.impl)
-                        .view_as(x))
+                        .view_as(v))
         return out if residual is None else out + residual
 
 
