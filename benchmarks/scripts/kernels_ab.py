@@ -1,9 +1,14 @@
 """The C++ kernels as they are in the working tree against the same kernels at another git revision, in one process
-(session 30): whole traced, fused models, or one op on the shapes UniForm's stem gives it.
+(session 30): whole traced, fused models, or one op on the shapes UniForm's stem gives it, or on the calls a model
+makes to it.
 
     python benchmarks/scripts/kernels_ab.py --rev HEAD~1 --models uniform_t,uniform_s --rounds 21
     python benchmarks/scripts/kernels_ab.py --rev HEAD~1 --op stem_conv --cold     # the first stem conv alone
+    python benchmarks/scripts/kernels_ab.py --rev HEAD~1 --op depthwise_conv       # uniform_t's 24 depthwise calls
     python benchmarks/scripts/kernels_ab.py --rev tree --define DEPTHWISE_PIXELS   # a compile-time switch
+
+The revision must take the same op arguments as the working tree's Python code passes (session 31's ops take maps
+where session 30's took token rows: compare whole models across that change with ``deploy_variants.py``).
 
 The revision's ``layers/csrc`` sources are built a second time under another operator namespace
 (``uniform_vit_ab``), so both versions live in the process at once; a model traced while ``cpu_kernels`` hands out
@@ -13,7 +18,10 @@ rounds, medians, the per-round speed-up and the largest output difference (0 whe
 ``--op stem_conv`` times the first stem conv on 16 images at 224 px in four parts of 4 (how ``DeployStem`` runs a
 batch on AVX-512), 8 output channels; ``--cold`` writes 64 MB between calls so that the images come from memory, as
 a new batch does in the model, instead of from cache. ``--op conv3x3_s2`` times uniform_t's three later stem convs
-on one part. Both builds take a minute or two the first time (cached afterwards, like the library's own).
+on one part. Any other op (``--op depthwise_conv``, ``reuse_core``, ...) is timed on the arguments of every call the
+first of ``--models`` makes to it in one forward pass of 16 images. ``--rev tree --define A,B`` builds the working
+tree itself with those macros as the second version. Both builds take a minute or two the first time (cached
+afterwards, like the library's own).
 """
 
 from __future__ import annotations

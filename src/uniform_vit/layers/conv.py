@@ -296,7 +296,8 @@ class DepthwiseConv2d(SameConv2d):
     (``depthwise_conv``, :mod:`uniform_vit.layers.cpu_kernels`): oneDNN ran UniForm's depthwise convs, a few MFLOP
     over maps of a few hundred KB each, at 3-8 GB/s on an AVX2 CPU; the op sums only the taps inside the map, 8
     channels per vector, 1.3-2.1x faster per conv, the fused, traced uniform_t about 1.05x (benchmarks/RESULTS.md,
-    section 1, session 17). Elsewhere (no kernel, NCHW maps, training, ``torch.compile``/``torch.export``/ONNX,
+    section 1, session 17). On AVX-512 builds, Reuse Attention's 7x7 windows go through a zero-bordered copy in
+    512-bit register blocks instead, 1.4-2.6x the per-pixel code on uniform_t's window convs (session 31). Elsewhere (no kernel, NCHW maps, training, ``torch.compile``/``torch.export``/ONNX,
     :func:`aten_only`) it is :class:`SameConv2d` at stride 1 and a plain conv at stride 2. Same weights, keys and
     outputs (to rounding)."""
 
