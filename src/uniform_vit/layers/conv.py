@@ -297,9 +297,9 @@ class DepthwiseConv2d(SameConv2d):
     over maps of a few hundred KB each, at 3-8 GB/s on an AVX2 CPU; the op sums only the taps inside the map, 8
     channels per vector, 1.3-2.1x faster per conv, the fused, traced uniform_t about 1.05x (benchmarks/RESULTS.md,
     section 1, session 17). On AVX-512 builds, Reuse Attention's 7x7 windows go through a zero-bordered copy in
-    512-bit register blocks instead, 1.4-2.6x the per-pixel code on uniform_t's window convs (session 31). Elsewhere (no kernel, NCHW maps, training, ``torch.compile``/``torch.export``/ONNX,
-    :func:`aten_only`) it is :class:`SameConv2d` at stride 1 and a plain conv at stride 2. Same weights, keys and
-    outputs (to rounding)."""
+    512-bit register blocks instead, 1.4-2.6x the per-pixel code on uniform_t's window convs (session 31).
+    Elsewhere (no kernel, NCHW maps, training, ``torch.compile``/``torch.export``/ONNX, :func:`aten_only`) it is
+    :class:`SameConv2d` at stride 1 and a plain conv at stride 2. Same weights, keys and outputs (to rounding)."""
 
     def _kernel_op(self, x: torch.Tensor):
         if not (DEPTHWISE_KERNEL and self.dilation == (1, 1) and self.padding_mode == 'zeros'
