@@ -368,7 +368,7 @@ def apply(model: nn.Module, variant: str) -> nn.Module:
     elif variant == 'unpacked':
         return _Unpacked(model)
     elif variant == 'dw-full-taps':
-        _patch(model, DepthwiseConv2d, lambda self: None, '_tap_radius')
+        _patch(model, DepthwiseConv2d, lambda self: (DepthwiseConv2d._kernel_args(self)[0], None), '_kernel_args')
     elif variant == 'se-timm':
         _patch(model, DeployPatchMerging, lambda self, y: self.se(y), '_squeeze_excite')
     elif variant == 'stem3x3-aten':

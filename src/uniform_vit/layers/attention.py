@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conv import ConvNorm, PointwiseConv2d, in_aten_only, make_conv
+from .conv import ConvNorm, in_aten_only, make_conv
 
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {}
 
@@ -348,7 +348,8 @@ class ReuseAttentionDeploy(nn.Module):
         self.qk = make_conv(dim, 2 * qk_dim, 1)
         self.q_dw = make_conv(qk_dim, qk_dim, q_kernel, padding=q_kernel // 2, groups=qk_dim)
         self.v_conv = make_conv(dim, dim, v_kernel, padding=v_kernel // 2, groups=dim)
-        self.proj = nn.Sequential(nn.ReLU(inplace=True), make_conv(dim, dim, 1))  # in place: on the fresh matmul out
+        # the train form's (ReLU, conv) without BN; forward applies the ReLU in the core's store (relu=True)
+        self.proj = nn.Sequential(nn.ReLU(inplace=True), make_conv(dim, dim, 1))
         self.rel_bias = RelPosBias(window_size, tables=1)
 
     @classmethod
@@ -379,17 +380,13 @@ class ReuseAttentionDeploy(nn.Module):
         q = self.q_dw(q)
         v = self.v_conv(x)
         bias = self.rel_bias(x.shape[2], x.shape[3])[0]
-        act, conv = self.proj
-        if isinstance(act, nn.ReLU) and isinstance(conv, PointwiseConv2d):
-            # the projection's ReLU in the core's store and the block's residual in the 1x1 conv's (C++ ops; the
-            # ATen paths apply them as separate ops): 0.5-1 % of a traced uniform_t, near the noise (session 31)
-            out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), bias, self.scale, self.impl, relu=True)
-            # view_as: a trace records no size arithmetic for it; v, not x, whose last use it would become (the
-            # windowed stage's partitioned copy of x would then stay alive through the core: +0.8 MB peak in uniform_t)
-            return conv(out.view_as(v), residual)
-        out = self.proj(reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), bias, self.scale, self.impl)
-                        .view_as(v))
-        return out if residual is None else out + residual
+        # proj is (ReLU, 1x1 conv): the ReLU goes into the core's store and the block's residual into the conv's
+        # (C++ ops; the ATen paths apply them as separate ops): 0.5-1 % of a traced uniform_t, near the noise
+        # (session 31)
+        out = reuse_attention(q.flatten(2), k.flatten(2), v.flatten(2), bias, self.scale, self.impl, relu=True)
+        # view_as: a trace records no size arithmetic for it; v, not x, whose last use it would become (the
+        # windowed stage's partitioned copy of x would then stay alive through the core: +0.8 MB peak in uniform_t)
+        return self.proj[1](out.view_as(v), residual)
 
 
 # ----------------------------------------------------------------------------------------------------------------

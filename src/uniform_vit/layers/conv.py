@@ -144,6 +144,14 @@ def kernel_layout(owner: nn.Module, weights: tuple[torch.Tensor, ...], make: Cal
 PACK_WEIGHTS = True  # A/B switch (benchmarks/scripts): the products' weights in cpu_kernels.pack_panels' order
 
 
+def product_weight(owner: nn.Module) -> tuple[torch.Tensor, bool]:
+    """``owner.weight`` (a 1x1 conv's or a linear layer's) as the C++ products read it, cached on ``owner``, and
+    whether it is packed."""
+    w, packed = owner.weight, PACK_WEIGHTS
+    wt, = kernel_layout(owner, (w,), lambda: (kernel_matrix(w, packed),), tag=packed)
+    return wt, packed
+
+
 def kernel_matrix(w: torch.Tensor, packed: bool) -> torch.Tensor:
     """A 1x1 conv's (O, C, 1, 1) weight as the (C, O) matrix the C++ products read, in ``pack_panels``' order when
     ``packed`` (column panels stored one after another: the products ran 1.1-1.2x faster on it, most for wide
@@ -242,8 +250,7 @@ class PointwiseConv2d(nn.Conv2d):
         row, instead of a separate pass over the map."""
         op = self._kernel_op(x)
         if op is not None and (residual is None or deploy_op_may_run(residual)):
-            w, packed = self.weight, PACK_WEIGHTS
-            wt, = kernel_layout(self, (w,), lambda: (kernel_matrix(w, packed),), tag=packed)
+            wt, packed = product_weight(self)
             # the channels-last map in, one out: no views to trace
             return op(x, wt, self.bias, False, packed, residual)
         y = self._forward(x)
@@ -270,12 +277,12 @@ class PointwiseConv2d(nn.Conv2d):
 DEPTHWISE_KERNEL = True  # A/B switch (benchmarks/scripts): DepthwiseConv2d's C++ op where it is built
 
 
-def deploy_op_may_run(x: torch.Tensor, *weights: torch.Tensor, channels_last: bool = True) -> bool:
+def deploy_op_may_run(x: torch.Tensor, *weights: torch.Tensor, channels_last: bool = True, dim: int = 4) -> bool:
     """What the deploy form's C++ ops (:mod:`~uniform_vit.layers.cpu_kernels`) need from a call: a float32 CPU map
-    (in channels-last memory unless ``channels_last=False``: the stem's op reads the NCHW image), float32 weights, no
-    gradient, and neither :func:`aten_only` nor CPU autocast."""
-    return (x.device.type == 'cpu' and x.dim() == 4 and x.dtype == torch.float32
-            and (not channels_last or x.is_contiguous(memory_format=torch.channels_last))
+    (in channels-last memory unless ``channels_last=False``: the stem's op reads the NCHW image; ``dim=2``: (M, C)
+    rows, as the classifier head's), float32 weights, no gradient, and neither :func:`aten_only` nor CPU autocast."""
+    return (x.device.type == 'cpu' and x.dim() == dim and x.dtype == torch.float32
+            and (not channels_last or dim != 4 or x.is_contiguous(memory_format=torch.channels_last))
             and all(w.dtype == torch.float32 for w in weights)
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
             and not _ATEN_ONLY and not torch.is_autocast_enabled('cpu'))
@@ -441,14 +448,10 @@ class KernelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # from 8 rows: for one (batch-1 latency) the product is a single chain of FMAs per column block and lost
         # to addmm (18 vs 14 us); at 16 rows it ran 1.7-1.9x addmm
-        if (POINTWISE_KERNEL and x.dim() == 2 and x.shape[0] >= 8 and x.device.type == 'cpu'
-                and x.dtype == self.weight.dtype == torch.float32
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and not _ATEN_ONLY and not torch.is_autocast_enabled('cpu')):
+        if POINTWISE_KERNEL and deploy_op_may_run(x, self.weight, dim=2) and x.shape[0] >= 8:
             op = cpu_kernels.pointwise_conv()  # None inside torch.compile / ONNX export, or without the kernels
             if op is not None:
-                w, packed = self.weight, PACK_WEIGHTS
-                wt, = kernel_layout(self, (w,), lambda: (kernel_matrix(w, packed),), tag=packed)
+                wt, packed = product_weight(self)
                 return op(x, wt, self.bias, False, packed)
         return super().forward(x)
 
