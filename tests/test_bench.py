@@ -1,5 +1,6 @@
 """The whole-model benchmark: harness arithmetic and order (fake clock), JSON schema on tiny inputs, bad arguments."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -233,6 +234,61 @@ def test_out_of_memory_halves_the_batch_and_pairs_compare_per_image():
                                                         {'model': 'efficientvit_m0', 'batch_size': 8}]}
     assert batch_notes(result) == ['efficientvit_m0: out of memory at batch 16, timed at batch 8 (img/s and the '
                                    'paired ratios are per image)']
+
+
+def test_jit_backend_runs_the_faster_frozen_form(monkeypatch, tmp_path):
+    # TorchScript's deploy steps: the traced model is frozen (no weight lookups left in the graph), tried with and
+    # without optimize_for_inference's oneDNN pass, and the faster form runs; outputs stay those of the model
+    import uniform_vit.bench.models as bm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expect = model(x)
+    settings = BenchSettings(models=['probe'])
+    real = bm.interleaved_timing
+    for slower, chosen in (('frozen', 'frozen+oneDNN'), ('frozen+oneDNN', 'frozen')):
+        seen = {}
+
+        def scripted(fns, *args, slower=slower, seen=seen, **kwargs):
+            times = real(fns, *args, **kwargs)  # every form really runs ...
+            seen.update(times)
+            return {k: [1.0 if k == slower else 0.5] * len(v) for k, v in times.items()}  # ... and one is slower
+
+        monkeypatch.setattr(bm, 'interleaved_timing', scripted)
+        runner = bm.make_runner(model, 'jit', x, settings, str(tmp_path))
+        assert runner.deploy_form == chosen and set(seen) == {'frozen', 'frozen+oneDNN'}
+        assert not [n for n in runner.graph.nodes() if n.kind() == 'prim::GetAttr']  # weights are constants now
+        assert torch.allclose(bm._bind(runner, x, settings)(), expect, atol=1e-5)
+    monkeypatch.setattr(bm, 'interleaved_timing', real)
+
+    def cannot_freeze(*args, **kwargs):
+        raise RuntimeError("freezing is not supported for this module")
+
+    monkeypatch.setattr(torch.jit, 'freeze', cannot_freeze)  # a model TorchScript cannot freeze still runs, traced
+    runner = bm.make_runner(model, 'jit', x, settings, str(tmp_path))
+    assert runner.deploy_form == 'traced' and torch.allclose(bm._bind(runner, x, settings)(), expect, atol=1e-5)
+
+
+def test_rows_and_notes_name_the_script_form():
+    from uniform_vit.bench.models import form_notes
+
+    s = BenchSettings(models=['uniform_t', 'efficientvit_m0'], img_size=32, batch_size=2, rounds=1, warmup=0,
+                      latency_rounds=1)
+    result = run_bench(s)
+    forms = {r['model']: (r['form'], r['form_b1']) for r in result['rows']}
+    assert all(f in ('frozen', 'frozen+oneDNN') and b in ('frozen', 'frozen+oneDNN') for f, b in forms.values())
+    (note,) = form_notes(result)
+    assert 'uniform_t' in note and 'efficientvit_m0' in note and forms['uniform_t'][0] in note
+    result['settings']['backend'] = 'eager'
+    assert form_notes(result) == []
+    # several processes may pick differently: the combined row names every form taken
+    a, b = copy.deepcopy(result), copy.deepcopy(result)
+    for r in a['rows']:
+        r['form'] = 'frozen'
+    for r in b['rows']:
+        r['form'] = 'frozen+oneDNN'
+    assert {r['form'] for r in combine_runs([a, b, a])['rows']} == {'frozen/frozen+oneDNN'}
 
 
 def test_compile_backend_freezes_weights_on_cpu(tmp_path):

@@ -385,10 +385,10 @@ def test_depthwise_conv_radius_skips_zero_taps(dw_op):
     m = make_conv(c, c, k, 1, k // 2, groups=c).eval()
     with torch.no_grad():
         m.weight.copy_(w)
-        assert torch.equal(m._tap_radius(), radius)
+        assert torch.equal(m._kernel_args()[1], radius)  # (taps-major weight, radius)
         assert torch.allclose(m(x), F.conv2d(x, w, m.bias, 1, k // 2, 1, c), atol=1e-5)
         m.weight.normal_()  # every tap in use now
-        assert m._tap_radius() is None
+        assert m._kernel_args()[1] is None
         assert torch.allclose(m(x), F.conv2d(x, m.weight, m.bias, 1, k // 2, 1, c), atol=1e-5)
 
 
@@ -909,7 +909,15 @@ def test_depthwise_training_on_small_maps_gives_atens_gradients(kernels, monkeyp
     assert 'uniform_vit.depthwise_grad_weight' not in log.ops and m.weight.grad is not None
 
 
-def test_pointwise_conv_trains_as_a_matrix_product(monkeypatch):
+@pytest.mark.parametrize('backend', ['mkl', 'onednn'])
+def test_pointwise_conv_trains_as_a_matrix_product(monkeypatch, backend):
+    # the products run where the GEMM policy says: BLAS (F.linear), or oneDNN for the forward and both gradients
+    # (AMD CPUs with AVX-512, where MKL runs AVX2 code); the same values and gradients either way
+    import uniform_vit.layers.gemm as gemm
+
+    if backend == 'onednn' and not gemm.HAS_ONEDNN_LINEAR:
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    monkeypatch.setattr(gemm, '_backend', backend)  # what gemm_backend(backend) sets
     gen = torch.Generator().manual_seed(5)
     m = make_conv(20, 12, 1)
     x = torch.randn(3, 20, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -921,10 +929,19 @@ def test_pointwise_conv_trains_as_a_matrix_product(monkeypatch):
         y = m(x)
         y.backward(gy)
     assert 'aten.convolution' not in log.ops and 'aten.convolution_backward' not in log.ops
-    assert 'aten.addmm' in log.ops and y.is_contiguous(memory_format=torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    onednn = log.ops.count('mkldnn._linear_pointwise')
+    assert (onednn, 'aten.addmm' in log.ops) == ((3, False) if backend == 'onednn' else (0, True))
     assert torch.allclose(y, ref, atol=1e-5)
     for got, want in ((x.grad, xr.grad), (m.weight.grad, wr.grad), (m.bias.grad, br.grad)):
         assert torch.allclose(got, want, atol=1e-5)
+    x.grad = None
+    with OpLog() as log:  # no weight gradient wanted: no weight-gradient product
+        m.weight.requires_grad_(False)
+        m(x).backward(gy)
+        m.weight.requires_grad_(True)
+    assert log.ops.count('mkldnn._linear_pointwise') == (2 if backend == 'onednn' else 0)
+    assert torch.allclose(x.grad, xr.grad, atol=1e-5)
     for off in ('nchw', 'switch'):  # NCHW maps, or the A/B switch: ATen's convolution
         if off == 'switch':
             monkeypatch.setattr(conv_mod, 'TRAIN_MATMUL', False)

@@ -11,6 +11,9 @@ Three paths, each behind an A/B switch of ``uniform_vit.layers.conv``:
     whose backward is two BLAS products), not oneDNN's convolution and its backward;
   * ``BN_KERNEL``: BatchNorm over channels-last maps of at most 16 channels (the stem's first layers) trains through
     this library's C++ ops, not ATen's channels-last BatchNorm.
+The matrix products of ``TRAIN_MATMUL`` run where ``uniform_vit.layers.gemm``'s policy sends them (oneDNN on AMD
+CPUs with AVX-512, where MKL runs AVX2 code; session 32); the ``all-blas`` arm is ``all`` with them on BLAS
+(``torch.mm``, as before session 32).
 Arms: all on (what ``uniform-vit train`` runs), each alone, and none (ATen's ops). One model, one set of weights,
 one AdamW step at learning rate 0 per call on a fixed channels-last batch, the arms interleaved round by round
 (uniform_vit.bench.harness); ratios are medians of per-round ratios against 'aten'. ``--compile`` adds 'all' and
@@ -29,10 +32,13 @@ import uniform_vit  # noqa: F401
 import uniform_vit.layers.conv as conv
 from uniform_vit.bench.harness import interleaved_timing, median, spread
 from uniform_vit.layers.cpu_kernels import status
+from uniform_vit.layers.gemm import gemm_backend
 from uniform_vit.utils.malloc import allocator_label
 
-ARMS = {'all': (True, True, True), 'dw-grad': (True, False, False), 'matmul': (False, True, False),
-        'bn': (False, False, True), 'aten': (False, False, False)}
+# (SMALL_MAP_GRAD, TRAIN_MATMUL, BN_KERNEL, GEMM backend of the matrix products)
+ARMS = {'all': (True, True, True, 'auto'), 'all-blas': (True, True, True, 'mkl'),
+        'dw-grad': (True, False, False, 'auto'), 'matmul': (False, True, False, 'auto'),
+        'bn': (False, False, True, 'auto'), 'aten': (False, False, False, 'auto')}
 
 
 def main() -> None:
@@ -58,13 +64,14 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last).train()
         opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)  # the weights stay the same
         fns = {}
-        for arm, (small_map, matmul, bn, compiled) in arms.items():
+        for arm, (small_map, matmul, bn, gemm, compiled) in arms.items():
             fwd = torch.compile(model) if compiled else model
 
-            def step(fwd=fwd, opt=opt, small_map=small_map, matmul=matmul, bn=bn):
+            def step(fwd=fwd, opt=opt, small_map=small_map, matmul=matmul, bn=bn, gemm=gemm):
                 conv.SMALL_MAP_GRAD, conv.TRAIN_MATMUL, conv.BN_KERNEL = small_map, matmul, bn
                 opt.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(fwd(x), y).backward()
+                with gemm_backend(gemm):
+                    torch.nn.functional.cross_entropy(fwd(x), y).backward()
                 opt.step()
 
             if compiled:

@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         banner,
         batch_notes,
         check_outputs,
+        form_notes,
         plot_top1_vs_throughput,
         resolve_settings,
         run_bench_repeated,
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         print_table(table_rows(result), TABLE_COLUMNS, 'UniForm vs peers (median of interleaved rounds)')
         for line in batch_notes(result):
             console.print(f"  note: {line}", style='yellow')
+        for line in form_notes(result):
+            console.print(f"  {line}", style='dim')
         for p in result['pairs']:
             if 'speedup_runs' in p:
                 runs = ', '.join(f'{x:.2f}' for x in sorted(p['speedup_runs']))

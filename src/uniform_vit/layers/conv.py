@@ -19,7 +19,7 @@ from timm.layers import DropPath
 
 from . import cpu_kernels
 from .fuse import fuse_children
-from .gemm import HAS_ONEDNN_LINEAR  # importing gemm also registers the FLOP formula of oneDNN's linear op
+from .gemm import HAS_ONEDNN_LINEAR, linear_trainable  # the import also registers oneDNN linear's FLOP formula
 
 
 def _fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm):
@@ -261,7 +261,7 @@ class PointwiseConv2d(nn.Conv2d):
             fn = _pointwise_traceable() if torch.jit.is_tracing() else _pointwise_onednn
             return fn(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
         if self._train_matmul(x):
-            return _on_token_rows(x, lambda t: F.linear(t, self.weight.view(self.out_channels, -1), self.bias))
+            return _on_token_rows(x, lambda t: linear_trainable(t, self.weight.view(self.out_channels, -1), self.bias))
         return super().forward(x)
 
     def _train_matmul(self, x: torch.Tensor) -> bool:
@@ -330,9 +330,6 @@ class DepthwiseConv2d(SameConv2d):
             return w.reshape(w.shape[0], k * k).t().contiguous(), (r if bool((r < k // 2).any()) else None)
 
         return kernel_layout(self, (w,), make)
-
-    def _tap_radius(self) -> torch.Tensor | None:
-        return self._kernel_args()[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = self._kernel_op(x)

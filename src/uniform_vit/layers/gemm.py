@@ -92,4 +92,45 @@ def linear_nt(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, w, None, 'none', [], '')
 
 
-__all__ = ['GEMM_BACKENDS', 'gemm_backend', 'linear_nt', 'onednn_linear_available', 'onednn_preferred']
+class _OnednnLinear(torch.autograd.Function):
+    """``F.linear`` whose forward and both backward products run in oneDNN (see :func:`linear_trainable`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, 'none', [], '')
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        g = g.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = linear_nt(g, w.t().contiguous())  # g @ w: the (N, K) weight transposed is small
+        if ctx.needs_input_grad[1]:
+            gw = linear_nt(g.t(), x.t())  # g^T @ x, both read in place through their transposed strides
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
+
+
+def linear_trainable(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` for (M, K) rows that trains: through oneDNN (forward and both gradient products) where
+    :func:`onednn_preferred` says so and the op exists, in eager mode; elsewhere ``F.linear`` itself (BLAS).
+
+    MKL runs its AVX2 sgemm on AMD CPUs, so a training step's 1x1 convs (``PointwiseConv2d`` on token rows) ran at
+    half the FLOP rate oneDNN reaches there. On the Zen 5 EPYC, two threads, UniForm's training shapes: forward
+    products 2.1-2.2x ``torch.addmm``, input gradients 1.8-2.0x, weight gradients 1.05-1.5x (read through their
+    transposed strides, no copies); uniform_t's training step at 112 px, batch 128 (benchmarks/RESULTS.md, section 3,
+    session 32)."""
+    if (HAS_ONEDNN_LINEAR and onednn_preferred() and x.device.type == 'cpu' and x.dtype == torch.float32
+            and w.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and x.dim() == 2
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled('cpu')):
+        return _OnednnLinear.apply(x, w.contiguous(), b)
+    return torch.nn.functional.linear(x, w, b)
+
+
+__all__ = ['GEMM_BACKENDS', 'gemm_backend', 'linear_nt', 'linear_trainable', 'onednn_linear_available',
+           'onednn_preferred']

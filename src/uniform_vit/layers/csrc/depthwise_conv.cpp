@@ -80,7 +80,7 @@ inline void pixel(const Window& a, const float* bias, float* out, __m256i mask) 
 struct Block {
   int64_t c;
   int kind;     // 0: 64 channels, 1: 32, 2: 16, 3: 8, 4: a masked vector of the last 1-7
-  int64_t r;    // the tap radius of its channels
+  int64_t r;    // the largest tap radius among its channels
   __m256i mask; // kind 4: its channels
 };
 
@@ -89,17 +89,19 @@ struct Run {
   int64_t c, n, r;
 };
 
-// channels c0 .. c1 - 1, all of tap radius r, as blocks of 64, 32, 16, 8 and a masked rest
-void add_blocks(int64_t c0, int64_t c1, int64_t r, std::vector<Block>& blocks) {
+// channels 0 .. C - 1 as blocks of 64, 32, 16, 8 and a masked rest; their tap radii are set by the caller
+std::vector<Block> channel_blocks(int64_t C) {
   const __m256i full = _mm256_set1_epi32(-1);
-  int64_t c = c0;
-  for (; c + 64 <= c1; c += 64) blocks.push_back({c, 0, r, full});
-  for (; c + 32 <= c1; c += 32) blocks.push_back({c, 1, r, full});
-  for (; c + 16 <= c1; c += 16) blocks.push_back({c, 2, r, full});
-  for (; c + 8 <= c1; c += 8) blocks.push_back({c, 3, r, full});
-  if (c < c1)
-    blocks.push_back({c, 4, r, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(c1 - c)),
+  std::vector<Block> blocks;
+  int64_t c = 0;
+  for (; c + 64 <= C; c += 64) blocks.push_back({c, 0, 0, full});
+  for (; c + 32 <= C; c += 32) blocks.push_back({c, 1, 0, full});
+  for (; c + 16 <= C; c += 16) blocks.push_back({c, 2, 0, full});
+  for (; c + 8 <= C; c += 8) blocks.push_back({c, 3, 0, full});
+  if (c < C)
+    blocks.push_back({c, 4, 0, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(C - c)),
                                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))});
+  return blocks;
 }
 
 // the taps of block i lie within blocks[i].r of the kernel's centre (the rest of its weights are zero)
@@ -285,8 +287,7 @@ at::Tensor depthwise_conv(const at::Tensor& x_, const at::Tensor& w, const std::
   }
 #endif
   // the pixel path's channel blocks, cut from all C channels, each walking the window of its widest channel
-  std::vector<Block> blocks;
-  add_blocks(0, C, 0, blocks);
+  std::vector<Block> blocks = channel_blocks(C);
   for (size_t i = 0; i < blocks.size(); ++i) {
     const int64_t c1 = i + 1 < blocks.size() ? blocks[i + 1].c : C;
     for (const Run& ru : runs)
