@@ -307,6 +307,7 @@ def test_onednn_linear_matches_mm_and_stays_out_of_traces():
         assert torch.allclose(linear_nt(a, w), a @ w.t(), rtol=1e-5, atol=1e-4)
     assert not onednn_linear_available(a.double(), w.double())
     assert not onednn_linear_available(a.requires_grad_(), w)
+    assert onednn_linear_available(a, w, grad=True) == onednn_linear_available(a.detach(), w)  # linear_trainable's
     seen = []
 
     def probe(x):

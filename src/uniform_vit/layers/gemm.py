@@ -56,13 +56,14 @@ def gemm_backend(name: str) -> Iterator[None]:
 HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
 
-def onednn_linear_available(*tensors: torch.Tensor) -> bool:
-    """True when :func:`linear_nt` may take the oneDNN path for these fp32 CPU tensors, in eager mode."""
+def onednn_linear_available(*tensors: torch.Tensor, grad: bool = False) -> bool:
+    """True when :func:`linear_nt` may take the oneDNN path for these fp32 CPU tensors, in eager mode (the op has no
+    autograd formula: tensors that require gradients only with ``grad=True``, for :func:`linear_trainable`)."""
     if not HAS_ONEDNN_LINEAR:
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False
-    return all(t.device.type == 'cpu' and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
+    return all(t.device.type == 'cpu' and t.dtype == torch.float32 and (grad or not t.requires_grad) for t in tensors)
 
 
 def _register_flop_formula() -> None:
@@ -122,12 +123,10 @@ def linear_trainable(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -
     MKL runs its AVX2 sgemm on AMD CPUs, so a training step's 1x1 convs (``PointwiseConv2d`` on token rows) ran at
     half the FLOP rate oneDNN reaches there. On the Zen 5 EPYC, two threads, UniForm's training shapes: forward
     products 2.1-2.2x ``torch.addmm``, input gradients 1.8-2.0x, weight gradients 1.05-1.5x (read through their
-    transposed strides, no copies); uniform_t's training step at 112 px, batch 128 (benchmarks/RESULTS.md, section 3,
-    session 32)."""
-    if (HAS_ONEDNN_LINEAR and onednn_preferred() and x.device.type == 'cpu' and x.dtype == torch.float32
-            and w.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and x.dim() == 2
-            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled('cpu')):
+    transposed strides, no copies); uniform_t's training step at 112 px, batch 128, 1.21x (benchmarks/RESULTS.md,
+    section 3, session 32)."""
+    if (x.dim() == 2 and onednn_preferred() and not torch.is_autocast_enabled('cpu')
+            and onednn_linear_available(x, w, *(() if b is None else (b,)), grad=True)):
         return _OnednnLinear.apply(x, w.contiguous(), b)
     return torch.nn.functional.linear(x, w, b)
 
