@@ -910,7 +910,8 @@ def test_depthwise_training_on_small_maps_gives_atens_gradients(kernels, monkeyp
 
 
 @pytest.mark.parametrize('backend', ['mkl', 'onednn'])
-def test_pointwise_conv_trains_as_a_matrix_product(monkeypatch, backend):
+@pytest.mark.parametrize('cin,cout', [(20, 12), (12, 20)])  # narrowing and expanding: both weight-gradient forms
+def test_pointwise_conv_trains_as_a_matrix_product(monkeypatch, backend, cin, cout):
     # the products run where the GEMM policy says: BLAS (F.linear), or oneDNN for the forward and both gradients
     # (AMD CPUs with AVX-512, where MKL runs AVX2 code); the same values and gradients either way
     import uniform_vit.layers.gemm as gemm
@@ -919,9 +920,9 @@ def test_pointwise_conv_trains_as_a_matrix_product(monkeypatch, backend):
         pytest.skip("this PyTorch build has no oneDNN linear op")
     monkeypatch.setattr(gemm, '_backend', backend)  # what gemm_backend(backend) sets
     gen = torch.Generator().manual_seed(5)
-    m = make_conv(20, 12, 1)
-    x = torch.randn(3, 20, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
-    gy = torch.randn(3, 12, 4, 5, generator=gen)
+    m = make_conv(cin, cout, 1)
+    x = torch.randn(3, cin, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    gy = torch.randn(3, cout, 4, 5, generator=gen)
     xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, m.weight, m.bias))
     ref = F.conv2d(xr, wr, br)
     ref.backward(gy)
@@ -935,6 +936,7 @@ def test_pointwise_conv_trains_as_a_matrix_product(monkeypatch, backend):
     assert torch.allclose(y, ref, atol=1e-5)
     for got, want in ((x.grad, xr.grad), (m.weight.grad, wr.grad), (m.bias.grad, br.grad)):
         assert torch.allclose(got, want, atol=1e-5)
+    assert m.weight.grad.shape == m.weight.shape and m.weight.grad.is_contiguous()
     x.grad = None
     with OpLog() as log:  # no weight gradient wanted: no weight-gradient product
         m.weight.requires_grad_(False)
@@ -948,6 +950,22 @@ def test_pointwise_conv_trains_as_a_matrix_product(monkeypatch, backend):
         with OpLog() as log:
             m(x.contiguous() if off == 'nchw' else x).sum().backward()
         assert 'aten.convolution_backward' in log.ops
+
+
+@pytest.mark.parametrize('n,k', [(64, 256), (256, 64), (48, 48), (1, 7)])
+def test_weight_gradient_product_in_either_orientation(n, k):
+    # g^T @ x through oneDNN, computed as (x^T @ g)^T when the layer expands (n > k): same values, a plain (n, k)
+    import uniform_vit.layers.gemm as gemm
+
+    if not gemm.HAS_ONEDNN_LINEAR:
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    gen = torch.Generator().manual_seed(n + k)
+    g, x = torch.randn(300, n, generator=gen), torch.randn(300, k, generator=gen)
+    with OpLog() as log:
+        got = gemm.weight_grad(g, x)
+    assert log.ops.count('mkldnn._linear_pointwise') == 1 and 'aten.mm' not in log.ops
+    assert got.shape == (n, k) and got.is_contiguous()
+    assert torch.allclose(got, g.t() @ x, rtol=1e-5, atol=1e-4)
 
 
 @needs_kernel
@@ -1092,3 +1110,31 @@ def test_no_kernel_for_other_isas(monkeypatch):
         monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda isa=isa: isa)
         assert cpu_kernels.reuse_core() is None and cpu_kernels.stem_conv() is None
         assert cpu_kernels.status() == f'off (no kernel for the {isa} vector ISA)'
+
+
+@needs_kernel
+@pytest.mark.parametrize('opt', ['adamw', 'sgd'])
+def test_eval_after_a_fused_optimiser_step_reads_the_new_weights(opt):
+    # torch's fused optimisers change the weights in place without bumping their version, the key of the C++ ops'
+    # weight-layout caches: the train() / eval() switch around the step must drop the caches, or the evaluation
+    # after it runs on the old weights (it did: session 33's training run evaluated at chance after a few epochs)
+    import copy
+
+    torch.manual_seed(0)
+    model = timm.create_model('uniform_t', in_chans=1, num_classes=10).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 64, 64).contiguous(memory_format=torch.channels_last)
+    step = (torch.optim.AdamW(model.parameters(), lr=0.05, fused=True) if opt == 'adamw'
+            else torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, fused=True))
+    with torch.no_grad():
+        before = model.eval()(x)  # fills the caches
+    model.train()
+    F.cross_entropy(model(torch.randn(8, 1, 64, 64).contiguous(memory_format=torch.channels_last)),
+                    torch.arange(8)).backward()
+    versions = [p._version for p in model.parameters()]
+    step.step()
+    assert [p._version for p in model.parameters()] == versions  # what makes the switch necessary
+    with torch.no_grad():
+        after = model.eval()(x)
+        fresh = copy.deepcopy(model)(x)  # a copy builds its caches from the current weights
+    assert not torch.allclose(after, before, atol=1e-3)
+    assert torch.allclose(after, fresh, rtol=1e-5, atol=1e-5)

@@ -227,6 +227,10 @@ def test_opt_picks_timm_optimiser_with_its_own_weight_decay(tmp_path):
     groups = torch.load(tmp_path / 'sgd' / CHECKPOINT, weights_only=False)['optimizer']['param_groups']
     assert all(g['nesterov'] and g['momentum'] == 0.9 and 'betas' not in g for g in groups)
     assert sorted(g['weight_decay'] for g in groups) == [0.0, 5e-4]
+    assert all(g['fused'] for g in groups)  # torch's fused step (one kernel over all parameters)
+    train(make_config(**TINY, recipe='small', epochs=1, opt='lamb', output=str(tmp_path / 'lamb')))
+    groups = torch.load(tmp_path / 'lamb' / CHECKPOINT, weights_only=False)['optimizer']['param_groups']
+    assert all('fused' not in g for g in groups)  # timm's own optimisers have no fused form: not asked for one
     with pytest.raises(UserError, match="unknown optimiser 'sgdd'.*did you mean sgd"):
         make_config(**TINY, epochs=1, opt='sgdd')
     assert make_config(**TINY, epochs=1, opt='Lookahead_AdamW').opt == 'Lookahead_AdamW'  # timm's wrapper form

@@ -244,10 +244,16 @@ def _reuse_untiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
         attn = torch.bmm(qt, k).mul_(scale)
     else:
         attn = torch.baddbmm(bias.expand(B, N, N), qt, k, alpha=scale)  # (B, N, N): the shared map
-    attn = attn.softmax(dim=-1)
+    return apply_map(attn.softmax(dim=-1), v)
+
+
+def apply_map(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A (B, N, N) attention map applied to every head's values v (B, C, N) in one matmul, laid out like ``v``: a
+    token-major view (a flattened channels-last map) gives a token-major result, so channels-last networks never
+    transpose (TReX's map reuse applies its borrowed maps with it too)."""
     if _token_major(v):
-        return torch.bmm(attn, v.transpose(1, 2)).transpose(1, 2)  # (B, N, C) memory: every head in one matmul
-    return torch.bmm(v, attn.transpose(1, 2))  # (B, C, N): every head in one matmul
+        return torch.bmm(attn, v.transpose(1, 2)).transpose(1, 2)  # (B, N, C) memory
+    return torch.bmm(v, attn.transpose(1, 2))  # (B, C, N)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -125,8 +125,11 @@ def kernel_layout(owner: nn.Module, weights: tuple[torch.Tensor, ...], make: Cal
                   tag: object = None) -> Derived:
     """``make()``'s tensors derived from ``weights`` for a C++ op (copies in the layout it reads: transposed, (3, 3,
     Cin, Cout); or facts such as a depthwise kernel's tap radius), cached on ``owner`` and rebuilt when a weight's
-    storage or version changes (``load_state_dict``, ``.to()``, in-place edits) or ``tag`` does. Copies are a second
-    copy of those weights in memory; the cache is not part of the state dict."""
+    storage or version changes (``load_state_dict``, ``.to()``, in-place edits) or ``tag`` does, and after every
+    ``train()`` / ``eval()`` switch of a :class:`KernelLayoutOwner` around it: PyTorch's fused optimisers
+    (``AdamW(fused=True)``) and ``.data`` edits change weights without bumping their version, so an eval-mode
+    forward after such a training step would otherwise read the old weights. Copies are a second copy of those
+    weights in memory; the cache is not part of the state dict."""
     key = (tag, *((w.data_ptr(), w._version) for w in weights))  # tag: how the layout was made (packed or not)
     cached = owner.__dict__.get('_kernel_layout')
     if cached is None or cached[0] != key:
@@ -139,6 +142,22 @@ def kernel_layout(owner: nn.Module, weights: tuple[torch.Tensor, ...], make: Cal
         cached = _untraced(build)
         owner.__dict__['_kernel_layout'] = cached
     return cached[1]
+
+
+def drop_kernel_layouts(module: nn.Module) -> None:
+    """Forget every cached :func:`kernel_layout` in ``module`` and below (rebuilt at their next use)."""
+    for m in module.modules():
+        m.__dict__.pop('_kernel_layout', None)
+
+
+class KernelLayoutOwner:
+    """Mixin for modules that own (or hold children that own) :func:`kernel_layout` caches: ``train(mode)`` (and so
+    ``eval()``) drops them. A training loop switches modes around its evaluations, so weights that a fused optimiser
+    changed without a version bump are never read stale there."""
+
+    def train(self, mode: bool = True):
+        drop_kernel_layouts(self)
+        return super().train(mode)
 
 
 PACK_WEIGHTS = True  # A/B switch (benchmarks/scripts): the products' weights in cpu_kernels.pack_panels' order
@@ -213,7 +232,7 @@ POINTWISE_KERNEL = True  # A/B switch (benchmarks/scripts): PointwiseConv2d's C+
 TRAIN_MATMUL = True  # A/B switch: PointwiseConv2d trains as a matrix product on channels-last CPU maps
 
 
-class PointwiseConv2d(nn.Conv2d):
+class PointwiseConv2d(KernelLayoutOwner, nn.Conv2d):
     """1x1 conv (stride 1, no padding, one group) that runs as one matrix product on channels-last CPU maps.
 
     On channels-last float32 CPU maps without gradients it is this library's C++ op (``pointwise_conv``,
@@ -296,7 +315,7 @@ def channels_innermost(x: torch.Tensor) -> bool:
             and x.stride(2) >= x.shape[3] * x.stride(3) and x.stride(0) >= x.shape[2] * x.stride(2))
 
 
-class DepthwiseConv2d(SameConv2d):
+class DepthwiseConv2d(KernelLayoutOwner, SameConv2d):
     """Depthwise conv (one group per channel) with an odd square kernel, 'same' padding k // 2 and stride 1 or 2.
 
     On channels-last float32 CPU maps (or channel slices of them) without gradients it runs as this library's C++ op
@@ -436,7 +455,7 @@ class ConvNorm(nn.Sequential):
         return m
 
 
-class KernelLinear(nn.Linear):
+class KernelLinear(KernelLayoutOwner, nn.Linear):
     """nn.Linear whose inference on float32 CPU rows (no gradient, outside :func:`aten_only`) runs as this library's
     C++ product (``pointwise_conv`` on its (M, in) rows; a cached transposed, packed weight): the fused classifier
     head, where MKL's ``addmm`` ran uniform_t's (16, 192) x (192, 1000) at ~50 GFLOP/s on a Zen 5 (session 31).
@@ -526,7 +545,7 @@ class Residual(nn.Module):
 FFN_KERNEL = True  # A/B switch (benchmarks/scripts): ResidualFFN's C++ op where it is built
 
 
-class ResidualFFN(Residual):
+class ResidualFFN(KernelLayoutOwner, Residual):
     """Deploy form of ``Residual(FFN)``: x + pw2(relu(pw1(x))) with both 1x1 convs fused with their BatchNorms.
 
     On channels-last float32 CPU maps without gradients it runs as this library's C++ op (``residual_ffn``,

@@ -93,6 +93,17 @@ def linear_nt(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, w, None, 'none', [], '')
 
 
+def weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``g.T @ x`` (the weight gradient of ``x @ w.T``: g (M, N), x (M, K) -> (N, K)) through oneDNN, both read
+    in place through their transposed strides. oneDNN runs the product faster with the smaller of N and K as its
+    rows: an expanding layer (N > K) computes ``(x.T @ g).T`` instead and copies the small (N, K) result, 1.5-2.1x
+    faster for the FFN's 64 -> 256 and 128 -> 256 products over 2048-6272 tokens on the Zen 5, 2 threads
+    (benchmarks/RESULTS.md, section 3, session 33)."""
+    if g.shape[1] > x.shape[1]:
+        return linear_nt(x.t(), g.t()).t().contiguous()
+    return linear_nt(g.t(), x.t())
+
+
 class _OnednnLinear(torch.autograd.Function):
     """``F.linear`` whose forward and both backward products run in oneDNN (see :func:`linear_trainable`)."""
 
@@ -110,7 +121,7 @@ class _OnednnLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = linear_nt(g, w.t().contiguous())  # g @ w: the (N, K) weight transposed is small
         if ctx.needs_input_grad[1]:
-            gw = linear_nt(g.t(), x.t())  # g^T @ x, both read in place through their transposed strides
+            gw = weight_grad(g, x)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
@@ -123,8 +134,8 @@ def linear_trainable(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -
     MKL runs its AVX2 sgemm on AMD CPUs, so a training step's 1x1 convs (``PointwiseConv2d`` on token rows) ran at
     half the FLOP rate oneDNN reaches there. On the Zen 5 EPYC, two threads, UniForm's training shapes: forward
     products 2.1-2.2x ``torch.addmm``, input gradients 1.8-2.0x, weight gradients 1.05-1.5x (read through their
-    transposed strides, no copies); uniform_t's training step at 112 px, batch 128, 1.21x (benchmarks/RESULTS.md,
-    section 3, session 32)."""
+    transposed strides; :func:`weight_grad` picks the faster orientation); uniform_t's training step at 112 px,
+    batch 128, 1.21x (benchmarks/RESULTS.md, section 3, session 32)."""
     if (x.dim() == 2 and onednn_preferred() and not torch.is_autocast_enabled('cpu')
             and onednn_linear_available(x, w, *(() if b is None else (b,)), grad=True)):
         return _OnednnLinear.apply(x, w.contiguous(), b)
@@ -132,4 +143,4 @@ def linear_trainable(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -
 
 
 __all__ = ['GEMM_BACKENDS', 'gemm_backend', 'linear_nt', 'linear_trainable', 'onednn_linear_available',
-           'onednn_preferred']
+           'onednn_preferred', 'weight_grad']

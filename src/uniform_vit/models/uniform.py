@@ -76,7 +76,7 @@ class Stem(nn.Sequential):
         return DeployStem(*(nn.ReLU(inplace=True) if isinstance(m, nn.ReLU) else m for m in fuse_children(self)))
 
 
-class DeployStem(nn.Sequential):
+class DeployStem(conv_mod.KernelLayoutOwner, nn.Sequential):
     """Fused stem that switches the network to channels-last: oneDNN's convolutions work natively on (B, H, W, C)
     memory (its NCHW path reorders around every conv: the FFNs' 1x1 convs measured 3-5x slower on CPU, the 3-channel
     first conv 1.5x), and every deploy block downstream keeps that layout (convs preserve it; attention reads it as
@@ -212,7 +212,7 @@ class PatchMerging(nn.Module):
         return fused
 
 
-class DeployPatchMerging(PatchMerging):
+class DeployPatchMerging(conv_mod.KernelLayoutOwner, PatchMerging):
     """Fused patch merging (same children and state-dict keys). On x86 CPUs where this library's C++ kernels are
     built (:mod:`uniform_vit.layers.cpu_kernels`), the expansion, its ReLU, the stride-2 depthwise conv and its ReLU
     run as one op (``expand_dw``) on channels-last float32 maps without gradients: the expansion's rows are made as

@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..layers.attention import MultiHeadAttention, ReuseAttention, WindowAttention, reuse_attention
-from ..layers.conv import ConvNorm
+from ..layers.attention import MultiHeadAttention, ReuseAttention, WindowAttention, apply_map, reuse_attention
+from ..layers.conv import ConvNorm, make_conv
 from ..layers.fuse import fuse_children
 
 MODES = ('attn', 'output')
@@ -181,11 +181,13 @@ class TimmReuseAttention(nn.Module):
 
 
 def _merge_value_convs(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
-    """The h per-head depthwise value convs as ONE depthwise conv (smaller kernels zero-padded to the largest)."""
+    """The h per-head depthwise value convs as ONE depthwise conv (smaller kernels zero-padded to the largest), the
+    same module the deploy form's ``ReuseAttentionDeploy.v_conv`` is (``make_conv``: this library's depthwise op,
+    which skips the taps that only see padding on small maps)."""
     kmax = max(c.kernel_size[0] for c in convs)
     dim = sum(c.in_channels for c in convs)
     w0 = convs[0].weight
-    merged = nn.Conv2d(dim, dim, kmax, padding=kmax // 2, groups=dim, device=w0.device, dtype=w0.dtype)
+    merged = make_conv(dim, dim, kmax, padding=kmax // 2, groups=dim).to(device=w0.device, dtype=w0.dtype)
     with torch.no_grad():
         merged.weight.zero_()
         start = 0
@@ -235,7 +237,7 @@ class UniformSourceAttention(_BusMixin, _UniformValues):
             N = H * W
             attn = torch.baddbmm(bias.expand(B, N, N), q.transpose(1, 2), k, alpha=self.scale).softmax(dim=-1)
             self._publish('map', attn)  # (B, N, N): the ONE map of this window
-            out = torch.bmm(v, attn.transpose(1, 2))
+            out = apply_map(attn, v)  # in v's layout: a channels-last network stays channels-last
         else:
             out = reuse_attention(q, k, v, bias, self.scale, self.impl)
         out = self.proj(out.view(B, C, H, W))
@@ -265,7 +267,7 @@ class UniformReuseAttention(_UniformValues):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         attn = self.bus.take(self.source, 'map', self.last)  # (B, N, N), bias included by the source
-        out = torch.bmm(self._values(x).flatten(2), attn.transpose(1, 2))  # (B, C, N): every head, one matmul
+        out = apply_map(attn, self._values(x).flatten(2))  # (B, C, N): every head, one matmul, in v's layout
         return self.proj(out.view(B, C, H, W))
 
     @torch.no_grad()
