@@ -231,7 +231,7 @@ def test_progressive_resizing_schedule():
 
 
 @pytest.mark.parametrize('batch_aug', ['on', 'off'])
-def test_progressive_training_changes_the_batches_size(tmp_path, batch_aug, monkeypatch):
+def test_progressive_training_changes_the_batches_size(tmp_path, batch_aug, monkeypatch, capsys):
     import uniform_vit.train.engine as engine
 
     seen = []
@@ -248,6 +248,7 @@ def test_progressive_training_changes_the_batches_size(tmp_path, batch_aug, monk
                       batch_size=16, train_samples=32, val_samples=16, threads=1, progress=False, workers=0,
                       recipe='small', batch_aug=batch_aug, output=str(out)))
     assert seen == [32, 32, 48, 48, 64, 64]  # two batches an epoch, at the epoch's size
+    assert 'val at 64 px (training from 32 px, at 64 px from epoch 3)' in capsys.readouterr().out  # the banner
     rows = list(csv.DictReader((out / 'metrics.csv').open()))
     assert [(r['img_size'], r['plain']) for r in rows] == [('32', '0'), ('48', '0'), ('64', '0')]
 

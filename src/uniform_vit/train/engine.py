@@ -682,8 +682,14 @@ def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: 
           f"augmentation {aug_note}"
           f"{' | torch.compile' if cfg.compile else ''} | malloc {allocator_label()}", flush=True)
     kind = f"{cfg.attn_type}, " if cfg.model.startswith('uniform_') else ''  # attn_type only applies to UniForm
+    sizes = [epoch_img_size(cfg, e) for e in range(cfg.epochs)]
+    grow = ''
+    if sizes[0] != cfg.img_size:  # progressive resizing (a run too short may never reach the full size)
+        full = f", at {cfg.img_size} px from epoch {sizes.index(cfg.img_size) + 1}" if cfg.img_size in sizes else ''
+        grow = f" (training from {sizes[0]} px{full})"
     print(f"{cfg.model} ({kind}{params / 1e6:.2f} M params, in_chans {in_chans}) | "
-          f"{cfg.dataset or cfg.data_dir}: {n_train} train / {n_val} val at {cfg.img_size} px | recipe {cfg.recipe} | "
+          f"{cfg.dataset or cfg.data_dir}: {n_train} train / {n_val} val at {cfg.img_size} px{grow} | "
+          f"recipe {cfg.recipe} | "
           f"{cfg.epochs} epochs{f' (the last {cfg.no_aug_epochs} plain)' if cfg.no_aug_epochs else ''}, "
           f"batch {total_batch} (= {cfg.batch_size} x {info.world_size} x {cfg.grad_accum}), "
           f"lr {lr:.3g} | output {cfg.output}", flush=True)
