@@ -230,7 +230,6 @@ def reuse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
 def _reuse_untiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
                    impl: str) -> torch.Tensor:
     """reuse_attention's 'sdpa' and 'eager' forms."""
-    N = q.shape[-1]
     if impl == 'sdpa':
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1), v.transpose(1, 2).unsqueeze(1),
@@ -238,13 +237,19 @@ def _reuse_untiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
         return out.squeeze(1).transpose(1, 2)
     if impl != 'eager':
         raise ValueError(f"unknown reuse attention impl {impl!r}; choose one of {REUSE_IMPLS}")
-    B = q.shape[0]
+    return apply_map(reuse_map(q, k, bias, scale), v)
+
+
+def reuse_map(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The ONE (B, N, N) softmax map of a window from narrow q, k (B, Cq, N) and the (N, N) bias, materialised
+    (eager Reuse Attention, and TReX sources that share their map)."""
+    B, N = q.shape[0], q.shape[-1]
     qt = q.transpose(1, 2)  # (B, N, Cq)
     if bias is None:
         attn = torch.bmm(qt, k).mul_(scale)
     else:
-        attn = torch.baddbmm(bias.expand(B, N, N), qt, k, alpha=scale)  # (B, N, N): the shared map
-    return apply_map(attn.softmax(dim=-1), v)
+        attn = torch.baddbmm(bias.expand(B, N, N), qt, k, alpha=scale)
+    return attn.softmax(dim=-1)
 
 
 def apply_map(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -343,6 +348,25 @@ class ReuseAttention(nn.Module):
         return ReuseAttentionDeploy.from_train(self)
 
 
+@torch.no_grad()
+def merge_value_convs(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
+    """The h per-head depthwise value convs (kernels k_i, consecutive channel slices) as ONE depthwise conv, the
+    smaller kernels zero-padded to the largest (``make_conv``: this library's depthwise op, which skips the taps
+    that only see padding on small maps): the deploy form's ``v_conv``, and TReX's converted layers'."""
+    kmax = max(c.kernel_size[0] for c in convs)
+    dim = sum(c.in_channels for c in convs)
+    w0 = convs[0].weight
+    merged = make_conv(dim, dim, kmax, padding=kmax // 2, groups=dim).to(device=w0.device, dtype=w0.dtype)
+    merged.weight.zero_()
+    start = 0
+    for c in convs:
+        k, n, off = c.kernel_size[0], c.in_channels, (kmax - c.kernel_size[0]) // 2
+        merged.weight[start:start + n, :, off:off + k, off:off + k] = c.weight
+        merged.bias[start:start + n] = c.bias
+        start += n
+    return merged
+
+
 class ReuseAttentionDeploy(nn.Module):
     """Deploy form: BN folded into the convs and the h value convs merged into ONE depthwise conv (smaller kernels
     zero-padded to the largest), so values cost one conv call instead of h."""
@@ -370,13 +394,7 @@ class ReuseAttentionDeploy(nn.Module):
         d.q_dw.load_state_dict(q_conv.state_dict())
         d.proj[1].load_state_dict(m.proj[1].fuse().state_dict())
         d.rel_bias.attention_biases.copy_(m.rel_bias.attention_biases)
-        d.v_conv.weight.zero_()
-        start = 0
-        for conv, c, k in zip(m.v_convs, m.splits, m.kernels):
-            off = (kmax - k) // 2
-            d.v_conv.weight[start:start + c, :, off:off + k, off:off + k] = conv.weight
-            d.v_conv.bias[start:start + c] = conv.bias
-            start += c
+        d.v_conv.load_state_dict(merge_value_convs(m.v_convs).state_dict())
         return d.train(m.training)
 
     adds_residual = True  # forward(x, residual) returns residual + attention(x): see Residual

@@ -33,8 +33,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..layers.attention import MultiHeadAttention, ReuseAttention, WindowAttention, apply_map, reuse_attention
-from ..layers.conv import ConvNorm, make_conv
+from ..layers.attention import (
+    MultiHeadAttention,
+    ReuseAttention,
+    WindowAttention,
+    apply_map,
+    merge_value_convs,
+    reuse_attention,
+    reuse_map,
+)
+from ..layers.conv import ConvNorm
 from ..layers.fuse import fuse_children
 
 MODES = ('attn', 'output')
@@ -180,25 +188,6 @@ class TimmReuseAttention(nn.Module):
 # UniForm attention (runs on one window: x is (B*windows, C, h, w))
 
 
-def _merge_value_convs(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
-    """The h per-head depthwise value convs as ONE depthwise conv (smaller kernels zero-padded to the largest), the
-    same module the deploy form's ``ReuseAttentionDeploy.v_conv`` is (``make_conv``: this library's depthwise op,
-    which skips the taps that only see padding on small maps)."""
-    kmax = max(c.kernel_size[0] for c in convs)
-    dim = sum(c.in_channels for c in convs)
-    w0 = convs[0].weight
-    merged = make_conv(dim, dim, kmax, padding=kmax // 2, groups=dim).to(device=w0.device, dtype=w0.dtype)
-    with torch.no_grad():
-        merged.weight.zero_()
-        start = 0
-        for c in convs:
-            k, n, off = c.kernel_size[0], c.in_channels, (kmax - c.kernel_size[0]) // 2
-            merged.weight[start:start + n, :, off:off + k, off:off + k] = c.weight
-            merged.bias[start:start + n] = c.bias
-            start += n
-    return merged
-
-
 class _UniformValues(nn.Module):
     """Per-head depthwise value convs over channel slices (train form) or one merged conv (deploy form)."""
 
@@ -211,7 +200,7 @@ class _UniformValues(nn.Module):
         return torch.cat([conv(xi) for conv, xi in zip(self.v_convs, x.split(self.splits, dim=1))], dim=1)
 
     def _fuse_values(self, new: _UniformValues) -> None:
-        new.v_convs = nn.ModuleList([_merge_value_convs(list(self.v_convs))])
+        new.v_convs = nn.ModuleList([merge_value_convs(list(self.v_convs))])
         new.splits = [sum(self.splits)]
 
 
@@ -234,8 +223,7 @@ class UniformSourceAttention(_BusMixin, _UniformValues):
         v = self._values(x).flatten(2)  # (B, C, N)
         bias = self.rel_bias(H, W)[0]  # (N, N)
         if 'map' in self.shares:
-            N = H * W
-            attn = torch.baddbmm(bias.expand(B, N, N), q.transpose(1, 2), k, alpha=self.scale).softmax(dim=-1)
+            attn = reuse_map(q, k, bias, self.scale)
             self._publish('map', attn)  # (B, N, N): the ONE map of this window
             out = apply_map(attn, v)  # in v's layout: a channels-last network stays channels-last
         else:
