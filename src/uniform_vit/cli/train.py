@@ -50,6 +50,11 @@ _HELP = {
                      'shifts, erasing, RandAugment, jitter, Mixup or CutMix), as YOLOX does (default 0)',
     'keep_every': 'also keep every Nth epoch\'s checkpoint as checkpoint_epoch<E>.pth, to resume or fork a variant '
                   'from that epoch later (default 0: only the latest, checkpoint.pth)',
+    'sam_rho': 'sharpness-aware minimisation (SAM): each step also takes the gradient at the weights moved this far '
+               'along the gradient and steps with that one; a second forward and backward pass per step. '
+               'e.g. 0.05 (default 0: off)',
+    'sam_epochs': 'take SAM steps in the last N epochs only (late-phase SAM, about as good as SAM throughout); '
+                  'default: every epoch when --sam-rho is set',
     'aa': "timm RandAugment string, e.g. rand-m9-mstd0.5; 'none' to disable",
 }
 

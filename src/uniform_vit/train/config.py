@@ -67,6 +67,8 @@ class TrainConfig:
     interpolation: str = 'bicubic'
     drop_path: float = 0.0
     no_aug_epochs: int = 0  # the last N epochs on the evaluation view: whole image, flips only, no mixing (YOLOX)
+    sam_rho: float = 0.0  # sharpness-aware minimisation's radius (Foret et al. 2021); 0: off
+    sam_epochs: int | None = None  # SAM in the last N epochs only (late-phase SAM, Zhou et al. 2024); None: all
     model_ema: bool = False
     model_ema_decay: float = 0.9998
     # machinery
@@ -173,6 +175,14 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.resize_ramp_end <= 1, f"resize_ramp_end must be in (0, 1], got {cfg.resize_ramp_end}"),
         (cfg.batch_aug in ('auto', 'on', 'off'), f"batch_aug must be auto, on or off, got {cfg.batch_aug!r}"),
         (cfg.val_every >= 1, f"val_every must be at least 1, got {cfg.val_every}"),
+        (cfg.sam_rho >= 0, f"sam_rho must be 0 (off) or positive, got {cfg.sam_rho}"),
+        (cfg.sam_epochs is None or 1 <= cfg.sam_epochs <= cfg.epochs,
+         f"sam_epochs must be in [1, epochs {cfg.epochs}] (or unset: every epoch), got {cfg.sam_epochs}"),
+        (cfg.sam_rho == 0 or cfg.grad_accum == 1,
+         "SAM (--sam-rho) takes its second gradient on the same batch, so it does not combine with --grad-accum; "
+         "use a smaller --batch-size or drop --grad-accum"),
+        (cfg.sam_rho == 0 or cfg.amp != 'fp16',
+         "SAM (--sam-rho) does not combine with --amp fp16 (its loss scaling); use --amp bf16 or none"),
         (cfg.keep_every >= 0, f"keep_every must be 0 (off) or a number of epochs, got {cfg.keep_every}"),
         # a resumed run takes its data from the saved config (checked again after the merge)
         (cfg.dataset is not None or cfg.data_dir is not None or bool(cfg.resume), "give --dataset or --data-dir"),

@@ -156,6 +156,12 @@ def plain_epoch(cfg: TrainConfig, epoch: int) -> bool:
     return epoch >= cfg.epochs - cfg.no_aug_epochs
 
 
+def sam_epoch(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether ``epoch`` (0-based) takes sharpness-aware steps: ``sam_rho`` set, and in the last ``sam_epochs``
+    (every epoch when that is unset)."""
+    return cfg.sam_rho > 0 and epoch >= cfg.epochs - (cfg.sam_epochs or cfg.epochs)
+
+
 def epoch_img_size(cfg: TrainConfig, epoch: int) -> int:
     """The training resolution of ``epoch`` (0-based). Progressive resizing (``min_img_size``): linear from
     ``min_img_size`` at the first epoch to ``img_size`` at ``resize_ramp_end`` of the run, rounded down to whole
@@ -301,8 +307,10 @@ def _bar(total: int, desc: str, enabled: bool):
 
 # ---- reporting ----------------------------------------------------------------------------------------------------
 
+# plain: 1 for the last --no-aug-epochs (evaluation view, no mixing), else 0; sam: 1 for the epochs that took
+# sharpness-aware steps (--sam-rho, --sam-epochs), else 0
 CSV_FIELDS = ['epoch', 'lr', 'train_loss', 'val_loss', 'top1', 'top5', 'top1_ema', 'img_per_s', 'epoch_seconds',
-              'img_size', 'plain']  # plain: 1 for the last --no-aug-epochs (evaluation view, no mixing), else 0
+              'img_size', 'plain', 'sam']
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
@@ -421,6 +429,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
 
     from ..data import check_labels
     from ..utils.checkpoint import load_checkpoint, save_checkpoint
+    from .sam import SharpnessAware
 
     resumed = _load_resume(cfg)
     if resumed:  # the run's own settings, with what the user typed now (kept in cfg) on top
@@ -488,6 +497,10 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         criterion = SoftTargetCrossEntropy()
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if cfg.sam_rho and dtype == torch.float16:  # --amp auto on a GPU without bf16
+        raise UserError("SAM (--sam-rho) does not combine with fp16 mixed precision (this GPU has no bf16); "
+                        "use --amp none")
+    sam = SharpnessAware(model, cfg.sam_rho) if cfg.sam_rho else None
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
 
     start_epoch, history, train_seconds = 0, [], 0.0
@@ -529,12 +542,23 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     # always at the final size, whatever the epoch trains at; Pillow per image with --batch-aug off
     vl = eval_loader(val_ds, cfg.batch_size, info, workers, batched=cfg.batch_aug != 'off')
     size, plain = cfg.img_size, False
+
+    def forward_loss(x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss, and 1.0 when it is not finite on any process (else 0.0)."""
+        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+            loss = loss_fn(fwd(x), y)
+        bad = (~torch.isfinite(loss.detach())).float().cpu()
+        if info.enabled:
+            all_reduce_sum(bad, info)
+        return loss, bad
+
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(epoch_seed(cfg, epoch, info.rank))
         if (view := (epoch_img_size(cfg, epoch), plain_epoch(cfg, epoch))) != (size, plain):
             size, plain = view
             set_train_transform(train_ds, cfg, in_chans, size, batched, plain)
         mix, loss_fn = (None, hard) if plain else (mixup, criterion)
+        sharp = sam if sam_epoch(cfg, epoch) else None
         loader = train_loader(train_ds, cfg, info, epoch, workers, batched)
         t0 = time.perf_counter()
         ddp.train()
@@ -551,14 +575,18 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
             last_micro = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
             sync = nullcontext() if last_micro or not info.enabled else ddp.no_sync()
             with sync:
-                with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                    loss = loss_fn(fwd(x), y)
-                bad = (~torch.isfinite(loss.detach())).float().cpu()
-                if info.enabled:
-                    all_reduce_sum(bad, info)
+                loss, bad = forward_loss(x, y, loss_fn)
                 if bad.item():
                     break
                 scaler.scale(loss / cfg.grad_accum).backward()
+            if sharp is not None:  # SAM: the step's gradient is taken again at w + rho g / |g| (grad_accum is 1)
+                with sharp.ascended():
+                    second, bad = forward_loss(x, y, loss_fn)
+                    if not bad.item():
+                        second.backward()
+                if bad.item():
+                    loss = second
+                    break
             if last_micro:
                 if cfg.clip_grad:
                     scaler.unscale_(optimizer)
@@ -593,7 +621,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         row: dict[str, Any] = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]['lr'],
                                    train_loss=float(totals[0] / max(totals[1], 1)),
                                    img_per_s=float(totals[1]) / epoch_time, epoch_seconds=epoch_time, img_size=size,
-                                   plain=int(plain))
+                                   plain=int(plain), sam=int(sharp is not None))
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             res = evaluate(model, vl, num_classes, device, dtype, info, cl, cfg.progress, 'val')
             row.update(val_loss=res['loss'], top1=res['top1'], top5=res['top5'])
@@ -690,9 +718,17 @@ def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: 
     print(f"{cfg.model} ({kind}{params / 1e6:.2f} M params, in_chans {in_chans}) | "
           f"{cfg.dataset or cfg.data_dir}: {n_train} train / {n_val} val at {cfg.img_size} px{grow} | "
           f"recipe {cfg.recipe} | "
-          f"{cfg.epochs} epochs{f' (the last {cfg.no_aug_epochs} plain)' if cfg.no_aug_epochs else ''}, "
+          f"{cfg.epochs} epochs{f' (the last {cfg.no_aug_epochs} plain)' if cfg.no_aug_epochs else ''}"
+          f"{_sam_note(cfg)}, "
           f"batch {total_batch} (= {cfg.batch_size} x {info.world_size} x {cfg.grad_accum}), "
           f"lr {lr:.3g} | output {cfg.output}", flush=True)
+
+
+def _sam_note(cfg: TrainConfig) -> str:
+    if not cfg.sam_rho:
+        return ''
+    n = cfg.sam_epochs or cfg.epochs
+    return f", SAM rho {cfg.sam_rho:g} in {'every epoch' if n == cfg.epochs else f'the last {n}'}"
 
 
 def _epoch_line(row: dict, epochs: int) -> None:
