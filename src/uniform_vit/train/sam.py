@@ -31,12 +31,13 @@ class SharpnessAware:
         if not rho > 0:
             raise ValueError(f"SAM's rho must be positive, got {rho}")
         self.model, self.rho = model, float(rho)
+        # the norms whose running statistics the second pass must not move: found once, not at every step
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
 
     @contextmanager
     def ascended(self) -> Iterator[None]:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        stats = [(b, b.detach().clone()) for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-                 for b in m.buffers()]
+        stats = [(b, b.detach().clone()) for m in self.norms for b in m.buffers()]
         with torch.no_grad():
             saved = [p.detach().clone() for p in params]
             if params:
