@@ -318,3 +318,19 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
     moved = max(float((ws[k] - wd[k]).abs().max()) for k in params)
     assert moved < 1e-4, moved
     assert any(float(ws[k].abs().max()) > 0 for k in params)
+
+
+def test_torchrun_two_gloo_processes_with_sam_stay_in_step(tmp_path):
+    # SAM under DDP: each step runs forward/backward twice (the second at w + rho g / |g| from the all-reduced
+    # gradient), restores the weights and BN statistics, then steps. Both ranks must end with identical weights, and
+    # every epoch must have taken SAM steps.
+    out = tmp_path / 'ddp_sam'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           '-m', 'uniform_vit.cli.main', *tiny_flags(out, recipe='small', epochs=2, seed=3, sam_rho=0.05)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / 'summary.json').read_text())
+    assert s['world_size'] == 2 and s['config']['sam_rho'] == 0.05
+    assert s['rank_weight_max_diff'] == 0.0
+    with (out / 'metrics.csv').open() as fh:
+        assert [row['sam'] for row in csv.DictReader(fh)] == ['1', '1']
