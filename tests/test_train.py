@@ -39,6 +39,13 @@ def tiny_flags(out: Path, **extra) -> list[str]:
     return flags
 
 
+def torchrun_two(out: Path, **extra) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 uniform-vit train` on the tiny synthetic set (gloo on CPU)."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           '-m', 'uniform_vit.cli.main', *tiny_flags(out, **extra)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
@@ -303,9 +310,7 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
     same = dict(recipe='small', epochs=2, seed=5, opt='sgd', lr=0.05, weight_decay=0.0, scale=(1.0, 1.0),
                 ratio=(1.0, 1.0), hflip=0.0, reprob=0.0, smoothing=0.0, warmup_epochs=0.0, batch_size=8)
     out = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           '-m', 'uniform_vit.cli.main', *tiny_flags(out, **same)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+    r = torchrun_two(out, **same)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / 'summary.json').read_text())
     assert s['world_size'] == 2 and s['total_batch'] == 16
@@ -325,9 +330,7 @@ def test_torchrun_two_gloo_processes_with_sam_stay_in_step(tmp_path):
     # gradient), restores the weights and BN statistics, then steps. Both ranks must end with identical weights, and
     # every epoch must have taken SAM steps.
     out = tmp_path / 'ddp_sam'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           '-m', 'uniform_vit.cli.main', *tiny_flags(out, recipe='small', epochs=2, seed=3, sam_rho=0.05)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+    r = torchrun_two(out, recipe='small', epochs=2, seed=3, sam_rho=0.05)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / 'summary.json').read_text())
     assert s['world_size'] == 2 and s['config']['sam_rho'] == 0.05
