@@ -262,6 +262,28 @@ def test_channels_last_applies_on_cpu_and_checkpoints_load_either_way(tmp_path, 
     assert res['top1'] == pytest.approx(s['best_top1'], abs=1e-3)
 
 
+def test_matmul_precision_holds_in_the_training_steps_only(tmp_path, capsys):
+    """--matmul-precision medium: every training forward runs under torch's 'medium' fp32 products, every evaluation
+    forward and whatever runs after train() under the caller's setting, which is restored."""
+    import timm
+
+    model = timm.create_model('uniform_t', num_classes=10)
+    seen: list[tuple[bool, str]] = []
+    model.register_forward_pre_hook(lambda m, a: seen.append((m.training, torch.get_float32_matmul_precision())))
+    before = torch.get_float32_matmul_precision()
+    train(make_config(**TINY, recipe='small', epochs=2, matmul_precision='medium', output=str(tmp_path / 'run')),
+          model=model)
+    assert {p for training, p in seen if training} == {'medium'}
+    assert {p for training, p in seen if not training} == {before} == {'highest'}
+    assert sum(training for training, _ in seen) == 2 * 64 // 16 and len(seen) > 2 * 64 // 16  # both kinds ran
+    assert torch.get_float32_matmul_precision() == before
+    assert 'fp32 matmul precision medium' in capsys.readouterr().out  # the banner says so
+    from uniform_vit.cli.main import main
+
+    assert main(['train', '--dataset', 'synthetic', '--matmul-precision', 'low', '--output', str(tmp_path / 'x')]) == 2
+    assert 'matmul_precision must be highest, high or medium' in capsys.readouterr().err
+
+
 def test_compiled_training_step_matches_eager_and_saves_plain_keys(tmp_path):
     class Tiny(torch.nn.Module):  # compiles in seconds; the wiring, not inductor, is under test
         num_classes = 10

@@ -8,7 +8,9 @@ weights and run in one process, interleaved round by round (uniform_vit.bench.ha
 batch per call. The ratio columns are medians of per-round ratios. ``--compile`` adds a candidate: channels-last
 under ``torch.compile`` (what ``uniform-vit train --compile`` runs; compiled before timing). ``--bf16`` adds
 channels-last under CPU bf16 autocast (why ``uniform-vit train`` uses no AMP on CPUs); both flags together add a
-fourth, compiled under bf16 autocast (``train --compile --amp bf16``). ``--drop-path P`` adds channels-last with
+fourth, compiled under bf16 autocast (``train --compile --amp bf16``). ``--medium`` adds channels-last fp32 under
+``torch.set_float32_matmul_precision('medium')`` (``train --matmul-precision medium``: oneDNN may run the fp32
+products on bf16 inputs with fp32 sums, which PyTorch does on CPUs with AMX). ``--drop-path P`` adds channels-last with
 stochastic depth at rate P (``train --drop-path P``; same weights), with its ratio to plain channels-last. glibc's
 malloc is tuned first, as ``uniform-vit train`` does (uniform_vit.utils.malloc; ``UNIFORM_VIT_MALLOC=default`` to
 compare without).
@@ -24,6 +26,7 @@ from _step_args import set_up, step_parser  # this folder's shared flags and set
 
 import uniform_vit  # noqa: F401
 from uniform_vit.bench.harness import interleaved_timing, median, spread
+from uniform_vit.train.engine import matmul_precision
 from uniform_vit.utils.malloc import allocator_label
 
 
@@ -32,6 +35,7 @@ def main() -> None:
     p.add_argument('--models', default='uniform_t,uniform_s,efficientvit_m0')
     p.add_argument('--compile', action='store_true', help='also time channels-last + torch.compile')
     p.add_argument('--bf16', action='store_true', help='also time channels-last + bf16 autocast')
+    p.add_argument('--medium', action='store_true', help="also time channels-last with 'medium' fp32 matmul precision")
     p.add_argument('--drop-path', type=float, default=0.0, help='also time channels-last with this drop-path rate')
     args = p.parse_args()
     set_up(args)
@@ -42,11 +46,13 @@ def main() -> None:
           f'torch {torch.__version__}, malloc {allocator_label()}, {args.rounds} interleaved rounds, '
           'one AdamW step per call')
     extras = ['compiled'] * args.compile + ['bf16'] * args.bf16 + ['compiled-bf16'] * (args.compile and args.bf16)
-    extras += ['drop-path'] * (args.drop_path > 0)
+    extras += ['medium'] * args.medium + ['drop-path'] * (args.drop_path > 0)
+    against_cl = [k for k in ('medium', 'drop-path') if k in extras]  # variants of channels-last: also that ratio
     print('| model | NCHW img/s | channels-last img/s | channels-last / NCHW (spread) |'
           + ''.join(f' {k} img/s | {k} / NCHW |' for k in extras)
-          + (f' drop-path {args.drop_path} / channels-last (spread) |' if args.drop_path > 0 else ''))
-    print('|---|---|---|---|' + '---|---|' * len(extras) + '---|' * (args.drop_path > 0))
+          + ''.join(f" {f'drop-path {args.drop_path}' if k == 'drop-path' else k} / channels-last (spread) |"
+                    for k in against_cl))
+    print('|---|---|---|---|' + '---|---|' * len(extras) + '---|' * len(against_cl))
     for name in args.models.split(','):
         base = timm.create_model(name, num_classes=args.num_classes, in_chans=args.in_chans)
         fns = {}
@@ -67,12 +73,13 @@ def main() -> None:
             compiled, bf16 = layout.startswith('compiled'), layout.endswith('bf16')
             fwd = torch.compile(model) if compiled else model
 
-            def step(fwd=fwd, opt=opt, xb=xb, bf16=bf16):
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-                    loss = torch.nn.functional.cross_entropy(fwd(xb), y)
-                loss.backward()
-                opt.step()
+            def step(fwd=fwd, opt=opt, xb=xb, bf16=bf16, precision='medium' if layout == 'medium' else 'highest'):
+                with matmul_precision(precision):
+                    opt.zero_grad(set_to_none=True)
+                    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+                        loss = torch.nn.functional.cross_entropy(fwd(xb), y)
+                    loss.backward()
+                    opt.step()
 
             if compiled:
                 step()  # compile outside the timed rounds
@@ -85,8 +92,8 @@ def main() -> None:
         for k in extras:
             rk = [a / b for a, b in zip(t['nchw'], t[k])]
             line += f" {args.batch_size / median(t[k]):.0f} | {median(rk):.2f}x |"
-        if args.drop_path > 0:
-            rd = [a / b for a, b in zip(t['channels_last'], t['drop-path'])]
+        for k in against_cl:
+            rd = [a / b for a, b in zip(t['channels_last'], t[k])]
             line += f' {median(rd):.2f}x ({spread(rd) * 100:.0f}%) |'
         print(line)
 

@@ -79,6 +79,7 @@ class TrainConfig:
     device: str = 'auto'  # auto | cpu | cuda | cuda:N
     amp: str = 'auto'  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | bf16 | fp16 | none
     channels_last: bool = True
+    matmul_precision: str = 'highest'  # fp32 matrix products while training: highest | high | medium (bf16 products)
     compile: bool = False  # torch.compile the training forward/backward (one-time compile cost, faster steps)
     threads: int | None = None  # torch intra-op threads (CPU)
     workers: int | None = None  # data-loader processes; None: 0 on small machines, else up to 8
@@ -165,6 +166,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.img_size >= 32, f"img_size must be at least 32 (UniForm downsamples 64x), got {cfg.img_size}"),
         (cfg.lr is None or cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
         (cfg.amp in ('auto', 'bf16', 'fp16', 'none'), f"amp must be auto, bf16, fp16 or none, got {cfg.amp!r}"),
+        (cfg.matmul_precision in ('highest', 'high', 'medium'),
+         f"matmul_precision must be highest, high or medium, got {cfg.matmul_precision!r}"),
         (0 <= cfg.smoothing < 1, f"smoothing must be in [0, 1), got {cfg.smoothing}"),
         (0 <= cfg.drop_path < 1, f"drop_path must be in [0, 1) (the last block's rate), got {cfg.drop_path}"),
         (0 <= cfg.no_aug_epochs <= cfg.epochs,

@@ -16,8 +16,8 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_copy(src: Path, dst: Path) -> None:
     with atomic_target(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+@contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` inside the block, the previous setting restored after it.
+    'medium' lets oneDNN run fp32 products on bf16 inputs with fp32 sums: on CPUs with AMX tiles PyTorch then sends
+    ``torch.mm`` to oneDNN instead of MKL (benchmarks/RESULTS.md, section 3, session 36)."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -566,43 +579,45 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         bar = _bar(len(loader) * cfg.batch_size * info.world_size, f'epoch {epoch + 1}/{cfg.epochs}',
                    cfg.progress and info.main)
         optimizer.zero_grad(set_to_none=True)
-        for step, (x, y) in enumerate(loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if mix is not None:
-                x, y = mix(x, y)
-            last_micro = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
-            sync = nullcontext() if last_micro or not info.enabled else ddp.no_sync()
-            with sync:
-                loss, bad = forward_loss(x, y, loss_fn)
-                if bad.item():
-                    break
-                scaler.scale(loss / cfg.grad_accum).backward()
-            if sharp is not None:  # SAM: the step's gradient is taken again at w + rho g / |g| (grad_accum is 1)
-                with sharp.ascended():
-                    second, bad = forward_loss(x, y, loss_fn)
-                    if not bad.item():
-                        second.backward()
-                if bad.item():
-                    loss = second
-                    break
-            if last_micro:
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                num_updates = epoch * updates_per_epoch + (step // cfg.grad_accum) + 1
-                scheduler.step_update(num_updates)
-                if ema is not None:
-                    ema.update(model, step=num_updates)
-            loss_sum += loss.detach().double().cpu() * len(x)
-            seen += len(x)
-            if bar:
-                bar.update(len(x) * info.world_size)
-                bar.set_postfix(loss=f'{loss.item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+        with matmul_precision(cfg.matmul_precision):  # the steps only; evaluation stays at full precision
+            for step, (x, y) in enumerate(loader):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if mix is not None:
+                    x, y = mix(x, y)
+                last_micro = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
+                sync = nullcontext() if last_micro or not info.enabled else ddp.no_sync()
+                with sync:
+                    loss, bad = forward_loss(x, y, loss_fn)
+                    if bad.item():
+                        break
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                if sharp is not None:  # SAM: the step's gradient is taken again at w + rho g / |g| (grad_accum is 1)
+                    with sharp.ascended():
+                        second, bad = forward_loss(x, y, loss_fn)
+                        if not bad.item():
+                            second.backward()
+                    if bad.item():
+                        loss = second
+                        break
+                if last_micro:
+                    if cfg.clip_grad:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    num_updates = epoch * updates_per_epoch + (step // cfg.grad_accum) + 1
+                    scheduler.step_update(num_updates)
+                    if ema is not None:
+                        ema.update(model, step=num_updates)
+                loss_sum += loss.detach().double().cpu() * len(x)
+                seen += len(x)
+                if bar:
+                    bar.update(len(x) * info.world_size)
+                    bar.set_postfix(loss=f'{loss.item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                    refresh=False)
         if bar:
             bar.close()
         if bad.item():
@@ -708,7 +723,9 @@ def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: 
     print(f"uniform-vit train | torch {torch.__version__} | {dev} | processes {info.world_size} | "
           f"amp {str(dtype).replace('torch.', '') if dtype else 'off'} | loader workers {workers} | "
           f"augmentation {aug_note}"
-          f"{' | torch.compile' if cfg.compile else ''} | malloc {allocator_label()}", flush=True)
+          f"{' | torch.compile' if cfg.compile else ''}"
+          f"{f' | fp32 matmul precision {cfg.matmul_precision}' if cfg.matmul_precision != 'highest' else ''}"
+          f" | malloc {allocator_label()}", flush=True)
     kind = f"{cfg.attn_type}, " if cfg.model.startswith('uniform_') else ''  # attn_type only applies to UniForm
     sizes = [epoch_img_size(cfg, e) for e in range(cfg.epochs)]
     grow = ''
