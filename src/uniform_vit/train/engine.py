@@ -91,8 +91,9 @@ def atomic_copy(src: Path, dst: Path) -> None:
 @contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
     """``torch.set_float32_matmul_precision(precision)`` inside the block, the previous setting restored after it.
-    'medium' lets oneDNN run fp32 products on bf16 inputs with fp32 sums: on CPUs with AMX tiles PyTorch then sends
-    ``torch.mm`` to oneDNN instead of MKL (benchmarks/RESULTS.md, section 3, session 36)."""
+    'medium' lets oneDNN run fp32 products on bf16 inputs with fp32 sums: PyTorch then sends fp32 ``torch.mm`` to
+    oneDNN instead of MKL where oneDNN can take bf16, whose AMX kernels ran it on the Intel Xeon this was measured on
+    (benchmarks/RESULTS.md, section 3, session 36)."""
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
