@@ -9,8 +9,9 @@ batch per call. The ratio columns are medians of per-round ratios. ``--compile``
 under ``torch.compile`` (what ``uniform-vit train --compile`` runs; compiled before timing). ``--bf16`` adds
 channels-last under CPU bf16 autocast (why ``uniform-vit train`` uses no AMP on CPUs); both flags together add a
 fourth, compiled under bf16 autocast (``train --compile --amp bf16``). ``--medium`` adds channels-last fp32 under
-``torch.set_float32_matmul_precision('medium')`` (``train --matmul-precision medium``: oneDNN may run the fp32
-products on bf16 inputs with fp32 sums, which PyTorch does on CPUs with AMX). ``--drop-path P`` adds channels-last with
+``torch.set_float32_matmul_precision('medium')`` (``train --matmul-precision medium``: PyTorch sends the fp32
+products to oneDNN on bf16 inputs with fp32 sums where oneDNN can take bf16; AMX ran them on the Intel Xeon of
+session 36). ``--drop-path P`` adds channels-last with
 stochastic depth at rate P (``train --drop-path P``; same weights), with its ratio to plain channels-last. glibc's
 malloc is tuned first, as ``uniform-vit train`` does (uniform_vit.utils.malloc; ``UNIFORM_VIT_MALLOC=default`` to
 compare without).
