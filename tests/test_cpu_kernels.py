@@ -980,10 +980,15 @@ def test_batch_norm_train_matches_aten(c):
         ref = F.batch_norm(xr, None, None, wr, br, True, 0.0, 1e-5)
         ref.backward(g.double())
         ref, ref_gx, ref_gw, ref_gb = (t.float() for t in (ref, xr.grad, wr.grad, br.grad))
-        y, mean, invstd = fwd(x, w, b, 1e-5)
+        rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5
+        rm0, rv0 = rm.clone(), rv.clone()
+        y, mean, invstd = fwd(x, w, b, rm, rv, 0.3, 1e-5)
         var, mu = torch.var_mean(x, (0, 2, 3), unbiased=False)
         assert y.is_contiguous(memory_format=torch.channels_last) and torch.allclose(y, ref, atol=1e-5)
         assert torch.allclose(mean, mu, atol=1e-6) and torch.allclose(invstd, (var + 1e-5).rsqrt(), rtol=1e-5)
+        m = x.numel() // c  # the running statistics, moved in place: the variance unbiased, as nn.BatchNorm2d's
+        assert torch.allclose(rm, 0.7 * rm0 + 0.3 * mu, atol=1e-6)
+        assert torch.allclose(rv, 0.7 * rv0 + 0.3 * var * m / (m - 1), rtol=1e-5, atol=1e-6)
         gx, gw, gb = bwd(g, x, mean, invstd, w)
         assert torch.allclose(gx, ref_gx, atol=1e-5, rtol=1e-4), shape
         tol = 2e-7 * (x.numel() // c)  # sums of M float terms (ATen's own float sums drift as far)
@@ -996,15 +1001,22 @@ def test_batch_norm_train_threads_and_bad_inputs():
     fwd, bwd = _op('batch_norm_train'), torch.ops.uniform_vit.batch_norm_train_backward
     x = torch.randn(32, 8, 30, 30).contiguous(memory_format=torch.channels_last)
     w, b = torch.rand(8) + 0.5, torch.randn(8)
-    one, two = _one_and_two_threads(lambda: fwd(x, w, b, 1e-5))
+    one, two = _one_and_two_threads(lambda: fwd(x, w, b, torch.zeros(8), torch.ones(8), 0.1, 1e-5))
     for a, b_ in zip(one, two):
         assert torch.allclose(a, b_, rtol=1e-6, atol=1e-7)
+    rm, rv = torch.zeros(8), torch.ones(8)
     with pytest.raises(RuntimeError, match='channels-last'):
-        fwd(x.contiguous(), w, b, 1e-5)
+        fwd(x.contiguous(), w, b, rm, rv, 0.1, 1e-5)
     with pytest.raises(RuntimeError, match=r'weight must be float32 \(8\)'):
-        fwd(x, torch.ones(5), b, 1e-5)
-    with pytest.raises(RuntimeError, match='at least one value per channel'):
-        fwd(x[:0], w, b, 1e-5)
+        fwd(x, torch.ones(5), b, rm, rv, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match=r'running_var must be a contiguous float32 \(8\)'):
+        fwd(x, w, b, rm, torch.ones(16)[::2], 0.1, 1e-5)  # written in place, so never through a copy
+    with pytest.raises(RuntimeError, match=r'factor must be in \[0, 1\]'):
+        fwd(x, w, b, rm, rv, 1.5, 1e-5)
+    for few in (x[:0], x[:1, :, :1, :1]):  # no values, or one per channel (no unbiased variance)
+        with pytest.raises(RuntimeError, match='more than one value per channel'):
+            fwd(few, w, b, rm, rv, 0.1, 1e-5)
+    assert torch.equal(rm, torch.zeros(8)) and torch.equal(rv, torch.ones(8))  # bad calls leave them alone
     with pytest.raises(RuntimeError, match='differ'):
         bwd(x[:2], x, w, w, w)
 
@@ -1036,14 +1048,18 @@ def test_batch_norm_module_uses_the_kernel_where_it_may(monkeypatch):
             assert torch.allclose(t.float(), ref.state_dict()[name].float(), atol=1e-6), name
     bn = conv_mod.BatchNorm2d(8)
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
-    for case in ('eval', 'nchw', 'multiple of 16', 'switch'):  # ATen's BatchNorm
-        m = conv_mod.BatchNorm2d(32) if case == 'multiple of 16' else bn
-        xi = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last) if m is not bn else x
-        m.train(case != 'eval')
+    x32 = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    for all_channels in (True, False):  # AVX-512's rule: every channel count on the ops; AVX2's: ATen at 16k
+        monkeypatch.setattr(conv_mod, 'BN_ALL_CHANNELS', all_channels)
+        with OpLog() as log:
+            conv_mod.BatchNorm2d(32).train()(x32)
+        assert ('uniform_vit.batch_norm_train' in log.ops) == all_channels
+    for case in ('eval', 'nchw', 'switch'):  # ATen's BatchNorm
+        bn.train(case != 'eval')
         if case == 'switch':
             monkeypatch.setattr(conv_mod, 'BN_KERNEL', False)
         with OpLog() as log:
-            m(xi.contiguous() if case == 'nchw' else xi)
+            bn(x.contiguous() if case == 'nchw' else x)
         assert 'uniform_vit.batch_norm_train' not in log.ops, case
     monkeypatch.setattr(conv_mod, 'BN_KERNEL', True)
     with pytest.raises(ValueError, match='more than 1 value per channel'):  # ATen's own error, one value per channel

@@ -281,7 +281,31 @@ def test_matmul_precision_holds_in_the_training_steps_only(tmp_path, capsys):
     from uniform_vit.cli.main import main
 
     assert main(['train', '--dataset', 'synthetic', '--matmul-precision', 'low', '--output', str(tmp_path / 'x')]) == 2
-    assert 'matmul_precision must be highest, high or medium' in capsys.readouterr().err
+    assert 'matmul_precision must be auto, highest, high or medium' in capsys.readouterr().err
+
+
+def test_matmul_precision_auto_takes_bf16_products_on_amx_cpus_only(tmp_path, capsys, monkeypatch):
+    import uniform_vit.train.engine as engine
+
+    assert isinstance(engine.cpu_has_amx(), bool)  # this machine's answer, whichever it is
+    cpu, gpu = torch.device('cpu'), torch.device('cuda')
+    for amx in (True, False):
+        monkeypatch.setattr(engine, 'cpu_has_amx', lambda amx=amx: amx)
+        assert engine.resolve_matmul_precision('auto', cpu) == ('medium' if amx else 'highest')
+        assert engine.resolve_matmul_precision('auto', gpu) == 'highest'  # GPUs: --amp is the switch there
+        for typed in ('highest', 'high', 'medium'):  # a typed precision is kept as it is
+            assert engine.resolve_matmul_precision(typed, cpu) == typed
+    monkeypatch.setattr(engine, 'cpu_has_amx', lambda: True)
+    seen: list[str] = []
+    import timm
+
+    model = timm.create_model('uniform_t', num_classes=10)
+    model.register_forward_pre_hook(lambda m, a: seen.append(torch.get_float32_matmul_precision()) if m.training
+                                    else None)
+    train(make_config(**TINY, recipe='small', epochs=1, matmul_precision='auto', output=str(tmp_path / 'run')),
+          model=model)
+    assert set(seen) == {'medium'} and torch.get_float32_matmul_precision() == 'highest'
+    assert 'fp32 matmul precision medium (auto: AMX)' in capsys.readouterr().out
 
 
 def test_compiled_training_step_matches_eager_and_saves_plain_keys(tmp_path):

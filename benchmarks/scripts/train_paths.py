@@ -9,8 +9,9 @@ Three paths, each behind an A/B switch of ``uniform_vit.layers.conv``:
     with this library's C++ op (or sums per tap), not oneDNN's convolution backward;
   * ``TRAIN_MATMUL``: 1x1 convs on channels-last maps train as one matrix product over the tokens (``F.linear``,
     whose backward is two BLAS products), not oneDNN's convolution and its backward;
-  * ``BN_KERNEL``: BatchNorm over channels-last maps of at most 16 channels (the stem's first layers) trains through
-    this library's C++ ops, not ATen's channels-last BatchNorm.
+  * ``BN_KERNEL``: BatchNorm over channels-last maps (on AVX2 those whose channel count is not a multiple of 16, such
+    as the stem's first layers; on AVX-512 all) trains through this library's C++ ops, not ATen's channels-last
+    BatchNorm.
 The matrix products of ``TRAIN_MATMUL`` run where ``uniform_vit.layers.gemm``'s policy sends them (oneDNN on AMD
 CPUs with AVX-512, where MKL runs AVX2 code; session 32); the ``all-blas`` arm is ``all`` with them on BLAS
 (``torch.mm``, as before session 32).

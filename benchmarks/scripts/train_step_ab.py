@@ -15,14 +15,19 @@ ratios against 'before'. The weight-gradient products only take the oneDNN path 
 
 from __future__ import annotations
 
-import timm
 import torch
-from _step_args import set_up, step_parser  # this folder's shared flags and set-up
+from _step_args import (  # this folder's shared flags and set-up
+    adamw_step,
+    print_ratios,
+    set_up,
+    step_inputs,
+    step_parser,
+)
 from timm.optim import create_optimizer_v2
 
 import uniform_vit  # noqa: F401
 import uniform_vit.layers.gemm as gemm
-from uniform_vit.bench.harness import interleaved_timing, median, spread
+from uniform_vit.bench.harness import interleaved_timing
 
 
 def main() -> None:
@@ -30,12 +35,7 @@ def main() -> None:
     p.add_argument('--model', default='uniform_t')
     args = p.parse_args()
     set_up(args)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
-    model = model.to(memory_format=torch.channels_last).train()
-    x = torch.randn(args.batch_size, args.in_chans, args.img_size, args.img_size)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, args.num_classes, (args.batch_size,))
+    model, x, y = step_inputs(args)
     opts = {f: create_optimizer_v2(model, opt='adamw', lr=0.0, weight_decay=0.05, **({'fused': True} if f else {}))
             for f in (False, True)}
     new_wgrad = gemm.weight_grad
@@ -49,10 +49,7 @@ def main() -> None:
     for arm, (wgrad, fused) in arms.items():
         def step(wgrad=wgrad, opt=opts[fused]):
             gemm.weight_grad = wgrad
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.1).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
+            adamw_step(model, opt, x, y)
         fns[arm] = step
     print(f'{args.model}, {args.img_size} px, batch {args.batch_size}, in_chans {args.in_chans}, {args.threads} '
           f'threads, torch {torch.__version__}, GEMM on oneDNN: {gemm.onednn_preferred()}, {args.rounds} rounds')
@@ -60,10 +57,7 @@ def main() -> None:
         t = interleaved_timing(fns, rounds=args.rounds, warmup=1, inner=3)
     finally:
         gemm.weight_grad = new_wgrad
-    print('| arm | img/s | / before (spread) |\n|---|---|---|')
-    for k in arms:
-        r = [a / b for a, b in zip(t['before'], t[k])]
-        print(f'| {k} | {args.batch_size / median(t[k]):.0f} | {median(r):.3f}x ({spread(r) * 100:.0f}%) |')
+    print_ratios(t, 'before', args.batch_size)
 
 
 if __name__ == '__main__':

@@ -377,59 +377,43 @@ def make_conv(in_chs: int, out_chs: int, kernel_size: int | tuple, stride: int |
     return cls(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias, **kwargs)
 
 
-# BatchNorm2d's C++ training ops for channel counts that are not a multiple of this: ATen's channels-last BatchNorm
-# ran 1.2-8x slower there (8, 12, 20, 24, 40, 72, 120 channels) and as fast or faster at 16, 32, 48, 64, 96, 128
-# (AVX2 Zen 3, benchmarks/RESULTS.md, section 3, session 19)
+# Which training BatchNorms take the C++ ops. On AVX2 those whose channel count is not a multiple of BN_ATEN_MULTIPLE:
+# ATen's channels-last BatchNorm ran 1.2-8x slower there (8, 12, 20, 24, 40, 72, 120 channels) and as fast or faster
+# at 16, 32, 48, 64, 96, 128 (AVX2 Zen 3, benchmarks/RESULTS.md, section 3, session 19, when the ops still carried
+# 0.25 ms a call of Python overhead). On AVX-512 every channel count (BN_ALL_CHANNELS): with the overhead gone,
+# uniform_t's whole step ran 1.03-1.07x faster than with ATen at the multiples of 16 (Intel Xeon with AMX, session 37).
 BN_ATEN_MULTIPLE = 16
+BN_ALL_CHANNELS = torch.backends.cpu.get_cpu_capability() == 'AVX512'
 BN_KERNEL = True  # A/B switch (benchmarks/scripts)
 
 
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same parameters, buffers, state-dict keys and results) whose training-mode forward on a
     channels-last float32 CPU map runs this library's C++ ops (:func:`~uniform_vit.layers.cpu_kernels.
-    batch_norm_train`) when its channel count is not a multiple of :data:`BN_ATEN_MULTIPLE`: ATen's channels-last
-    BatchNorm ran 4-8x slower than the ops at 8-24 channels, and uniform_t's first stem layer has 8: 26 ms of a
-    310 ms step at 112 px (benchmarks/RESULTS.md, section 3, session 19). Everywhere else (evaluation, channel counts
-    ATen handles well, NCHW, GPUs, ``torch.compile``, traces, no kernels) it is ``nn.BatchNorm2d``. Running
-    statistics follow ``nn.BatchNorm2d``'s rule (momentum, or a cumulative average with ``momentum=None``; unbiased
-    variance)."""
+    batch_norm_train`): on AVX-512 CPUs always (:data:`BN_ALL_CHANNELS`), on AVX2 when its channel count is not a
+    multiple of :data:`BN_ATEN_MULTIPLE`. ATen's channels-last BatchNorm ran 4-8x slower than the ops at 8-24
+    channels, and uniform_t's first stem layer has 8: 26 ms of a 310 ms step at 112 px (benchmarks/RESULTS.md,
+    section 3, session 19). Everywhere else (evaluation, channel counts ATen handles well on AVX2, NCHW, GPUs,
+    ``torch.compile``, traces, no kernels) it is ``nn.BatchNorm2d``. One op call does the forward and moves the
+    running statistics, by ``nn.BatchNorm2d``'s rule (momentum, or a cumulative average with ``momentum=None``;
+    unbiased variance); its gradient is the op's own C++ autograd."""
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         return (BN_KERNEL and self.training and self.affine and self.track_running_stats
                 and not torch.jit.is_tracing() and x.device.type == 'cpu' and x.dim() == 4
-                and x.dtype == torch.float32 and x.shape[1] % BN_ATEN_MULTIPLE != 0
+                and x.dtype == torch.float32 and (BN_ALL_CHANNELS or x.shape[1] % BN_ATEN_MULTIPLE != 0)
                 and x.numel() > x.shape[1] and x.is_contiguous(memory_format=torch.channels_last)
+                and self.running_mean.dtype == torch.float32
                 and cpu_kernels.batch_norm_train() is not None)  # None inside torch.compile / ONNX, no kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._kernel_ok(x):
             return super().forward(x)
-        y, mean, invstd = _BatchNormTrain.apply(x, self.weight, self.bias, self.eps)
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            m = x.numel() // x.shape[1]
-            var = (invstd.double().pow(-2) - self.eps) * (m / (m - 1))  # unbiased, as nn.BatchNorm2d keeps it
-            self.running_mean.lerp_(mean, f)
-            self.running_var.lerp_(var.to(self.running_var.dtype), f)
-        return y
-
-
-class _BatchNormTrain(torch.autograd.Function):
-    """Training-mode BatchNorm through the C++ ops: (y, mean, invstd) forward, (gx, gw, gb) backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
-        y, mean, invstd = torch.ops.uniform_vit.batch_norm_train(x, w.detach(), b.detach(), eps)
-        ctx.save_for_backward(x, mean, invstd, w)
-        ctx.mark_non_differentiable(mean, invstd)
-        return y, mean, invstd
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor, _g_mean, _g_invstd):
-        x, mean, invstd, w = ctx.saved_tensors
-        gx, gw, gb = torch.ops.uniform_vit.batch_norm_train_backward(g, x, mean, invstd, w.detach())
-        return gx, gw, gb, None
+        self.num_batches_tracked.add_(1)
+        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        # one op: normalise, move the running statistics in place; its autograd (the backward op) is in C++ too
+        return torch.ops.uniform_vit.batch_norm_train(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                                      f, self.eps)[0]
 
 
 class ConvNorm(nn.Sequential):

@@ -4,8 +4,7 @@ depthwise convs on channels-last maps (``depthwise_conv.cpp``), the residual FFN
 (``pointwise_conv.cpp``), the stem's 3x3 stride-2 convs (``conv3x3_s2.cpp``) and patch merging's expansion +
 depthwise conv (``expand_dw.cpp``); the last four of these share one register-blocked product (``tile_gemm.h``).
 Two are for training: the weight gradient of depthwise convs on maps smaller than their kernel
-(``depthwise_grad_weight.cpp``) and BatchNorm over channels-last maps whose channel count ATen handles slowly
-(``batch_norm_train.cpp``).
+(``depthwise_grad_weight.cpp``) and BatchNorm over channels-last maps (``batch_norm_train.cpp``).
 
 It is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and ninja: the tools ``torch.compile``
 needs on CPU too; ninja comes with this package), for CPUs where PyTorch itself dispatches to AVX-512 or AVX2, in
@@ -237,10 +236,12 @@ def depthwise_grad_weight() -> Callable[..., torch.Tensor] | None:
 
 
 def batch_norm_train() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
-    """``batch_norm_train(x, w, b, eps) -> (y, mean, invstd)``: training-mode BatchNorm of a float32 CPU map ``x``
-    (B, C, H, W) in channels-last memory with this batch's statistics (biased variance), ``w``, ``b`` (C); its
-    gradient is ``torch.ops.uniform_vit.batch_norm_train_backward(g, x, mean, invstd, w) -> (gx, gw, gb)``; or None
-    (see :func:`_recordable_op`)."""
+    """``batch_norm_train(x, w, b, running_mean, running_var, factor, eps) -> (y, mean, invstd)``: training-mode
+    BatchNorm of a float32 CPU map ``x`` (B, C, H, W) in channels-last memory with this batch's statistics (biased
+    variance), ``w``, ``b`` (C), which also moves the running statistics (C) in place by ``factor`` as
+    ``nn.BatchNorm2d`` does (the variance unbiased). Differentiable in ``x``, ``w``, ``b`` through its own C++
+    autograd, whose backward is ``torch.ops.uniform_vit.batch_norm_train_backward(g, x, mean, invstd, w) -> (gx, gw,
+    gb)``; or None (see :func:`_recordable_op`)."""
     return _recordable_op('batch_norm_train')
 
 

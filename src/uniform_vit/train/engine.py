@@ -102,6 +102,24 @@ def matmul_precision(precision: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(old)
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), where oneDNN runs bf16 products on them."""
+    probe = getattr(torch.cpu, '_is_amx_tile_supported', None)  # private in torch 2.x: without it, say no
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:
+        return False
+
+
+def resolve_matmul_precision(precision: str, device: torch.device) -> str:
+    """``--matmul-precision``'s value for this run: 'auto' is 'medium' on a CPU with AMX (bf16 products, 1.09-1.16x
+    a uniform_t step with no accuracy lost over 20 epochs on two seeds; benchmarks/RESULTS.md, section 3, sessions
+    36-37), else 'highest' (CPUs without AMX were not measured; on GPUs --amp is the speed switch)."""
+    if precision != 'auto':
+        return precision
+    return 'medium' if device.type == 'cpu' and cpu_has_amx() else 'highest'
+
+
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.amp == 'none' or (cfg.amp == 'auto' and device.type != 'cuda'):
         return None
@@ -510,6 +528,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                       switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing, num_classes=num_classes)
         criterion = SoftTargetCrossEntropy()
     dtype = amp_dtype(cfg, device)
+    precision = resolve_matmul_precision(cfg.matmul_precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if cfg.sam_rho and dtype == torch.float16:  # --amp auto on a GPU without bf16
         raise UserError("SAM (--sam-rho) does not combine with fp16 mixed precision (this GPU has no bf16); "
@@ -551,7 +570,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                 mean=list(train_ds.mean), std=list(train_ds.std),
                 interpolation=cfg.interpolation, crop_pct=1.0, dataset=cfg.dataset or 'folder', fused=False)
     if info.main:
-        _banner(cfg, info, params, len(train_ds), len(val_ds), total_batch, lr, in_chans, dtype, workers, aug_note)
+        _banner(cfg, info, params, len(train_ds), len(val_ds), total_batch, lr, in_chans, dtype, workers, aug_note,
+                precision)
 
     # always at the final size, whatever the epoch trains at; Pillow per image with --batch-aug off
     vl = eval_loader(val_ds, cfg.batch_size, info, workers, batched=cfg.batch_aug != 'off')
@@ -580,7 +600,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         bar = _bar(len(loader) * cfg.batch_size * info.world_size, f'epoch {epoch + 1}/{cfg.epochs}',
                    cfg.progress and info.main)
         optimizer.zero_grad(set_to_none=True)
-        with matmul_precision(cfg.matmul_precision):  # the steps only; evaluation stays at full precision
+        with matmul_precision(precision):  # the steps only; evaluation stays at full precision
             for step, (x, y) in enumerate(loader):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if cl:
@@ -717,7 +737,7 @@ def _typed_keys(cfg: TrainConfig) -> set[str]:
 
 
 def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: int, total_batch: int, lr: float,
-            in_chans: int, dtype: torch.dtype | None, workers: int, aug_note: str) -> None:
+            in_chans: int, dtype: torch.dtype | None, workers: int, aug_note: str, precision: str) -> None:
     from ..utils.malloc import allocator_label
 
     dev = torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else f'CPU x{torch.get_num_threads()}'
@@ -725,7 +745,8 @@ def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: 
           f"amp {str(dtype).replace('torch.', '') if dtype else 'off'} | loader workers {workers} | "
           f"augmentation {aug_note}"
           f"{' | torch.compile' if cfg.compile else ''}"
-          f"{f' | fp32 matmul precision {cfg.matmul_precision}' if cfg.matmul_precision != 'highest' else ''}"
+          f"{f' | fp32 matmul precision {precision}' if precision != 'highest' else ''}"
+          f"{' (auto: AMX)' if precision != cfg.matmul_precision else ''}"
           f" | malloc {allocator_label()}", flush=True)
     kind = f"{cfg.attn_type}, " if cfg.model.startswith('uniform_') else ''  # attn_type only applies to UniForm
     sizes = [epoch_img_size(cfg, e) for e in range(cfg.epochs)]

@@ -1,9 +1,17 @@
 // Training-mode BatchNorm over channels-last maps in two CPU ops (uniform_vit/layers/cpu_kernels.py builds them;
 // uniform_vit/layers/conv.py, BatchNorm2d, calls them where ATen's channels-last BatchNorm is slow).
 //
-//   batch_norm_train(x, w, b, eps) -> (y, mean, invstd)          statistics of this batch, biased variance
+//   batch_norm_train(x, w, b, running_mean, running_var, factor, eps) -> (y, mean, invstd)
+//       normalises with this batch's statistics (mean, biased variance) and moves the running statistics in place
+//       as nn.BatchNorm2d does: running = (1 - factor) running + factor batch, the variance unbiased (M / (M - 1))
 //   batch_norm_train_backward(g, x, mean, invstd, w) -> (gx, gw, gb)
-//   x, g: (B, C, H, W) float32 in channels-last memory, i.e. M = B*H*W rows of C; w, b, mean, invstd: (C).
+//   x, g: (B, C, H, W) float32 in channels-last memory, i.e. M = B*H*W rows of C; w, b, mean, invstd and the
+//   running statistics: (C).
+// batch_norm_train is differentiable in x, w and b through its own C++ autograd kernel (BatchNormTrainFunction
+// below), which calls both ops through the dispatcher: with the running statistics moved in C++ too, a training
+// BatchNorm costs one op call from Python. Done in Python (torch.autograd.Function and eight small tensor ops for the
+// running statistics), the overhead was 0.25 ms a layer, more than ATen's whole forward + backward on uniform_t's
+// late maps (2x2 and 4x4 tokens; benchmarks/RESULTS.md, section 3, session 37).
 //
 // Why: on an AVX2 Zen 3 ATen's channels-last BatchNorm (forward + backward) ran 4-8x slower than these ops at 4-24
 // channels and 1.2-1.8x at 40, 72 and 120, wherever the channel count is not a multiple of 16 (uniform_t's first
@@ -18,6 +26,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -73,13 +82,24 @@ at::Tensor channel_vector(const at::Tensor& t, int64_t C, const char* name) {
   return t.contiguous();
 }
 
+void check_running(const at::Tensor& t, int64_t C, const char* name) {  // written in place: no copies allowed
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "batch_norm_train: ", name, " must be a contiguous float32 (", C, ")");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(const at::Tensor& x, const at::Tensor& w_,
-                                                                 const at::Tensor& b_, double eps) {
+                                                                 const at::Tensor& b_, const at::Tensor& running_mean,
+                                                                 const at::Tensor& running_var, double factor,
+                                                                 double eps) {
   check_map(x, "x");
   const int64_t C = x.size(1), M = C ? x.numel() / C : 0;
-  TORCH_CHECK(M > 0, "batch_norm_train: needs at least one value per channel, got ", x.sizes());
+  TORCH_CHECK(M > 1, "batch_norm_train: needs more than one value per channel, got ", x.sizes());
   TORCH_CHECK(eps >= 0, "batch_norm_train: eps must not be negative");
+  TORCH_CHECK(factor >= 0 && factor <= 1, "batch_norm_train: the running statistics' factor must be in [0, 1], got ",
+              factor);
   const at::Tensor w = channel_vector(w_, C, "weight"), b = channel_vector(b_, C, "bias");
+  check_running(running_mean, C, "running_mean");
+  check_running(running_var, C, "running_var");
   const float* xp = x.data_ptr<float>();
   const std::vector<double> s = column_sums(M, C, 1, [&](int64_t r0, int64_t r1, float* acc) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -104,10 +124,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train(const at::Tensor
   std::vector<float> scale(C), shift(C);
   const float* wp = w.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
+  float* rm = running_mean.data_ptr<float>();
+  float* rv = running_var.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
     ip[c] = static_cast<float>(1.0 / std::sqrt(q[c] / M + eps));
     scale[c] = wp[c] * ip[c];
     shift[c] = bp[c] - mp[c] * scale[c];
+    rm[c] = static_cast<float>((1 - factor) * rm[c] + factor * (s[c] / M));
+    rv[c] = static_cast<float>((1 - factor) * rv[c] + factor * (q[c] / (M - 1)));
   }
   at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   float* yp = y.data_ptr<float>();
@@ -173,10 +197,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_backward(const a
   return {gx, gw, gb};
 }
 
+// Autograd for batch_norm_train in C++: both ops run through the dispatcher (so profilers, dispatch modes and the
+// flop counter see them), below autograd; mean and invstd are outputs without gradients.
+class BatchNormTrainFunction : public torch::autograd::Function<BatchNormTrainFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& w, const at::Tensor& b,
+                                                const at::Tensor& running_mean, const at::Tensor& running_var,
+                                                double factor, double eps) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("uniform_vit::batch_norm_train", "")
+                         .typed<decltype(batch_norm_train)>();
+    at::AutoDispatchBelowADInplaceOrView below;  // to the CPU kernel, not back into this one
+    auto [y, mean, invstd] = op.call(x, w, b, running_mean, running_var, factor, eps);
+    ctx->save_for_backward({x, mean, invstd, w});
+    ctx->mark_non_differentiable({mean, invstd});
+    return {y, mean, invstd};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("uniform_vit::batch_norm_train_backward", "")
+                         .typed<decltype(batch_norm_train_backward)>();
+    const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+                                     at::Tensor(), at::Tensor()};
+    auto [gx, gw, gb] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3]);
+    return {gx, gw, gb, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_autograd(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double factor, double eps) {
+  auto out = BatchNormTrainFunction::apply(x, w, b, running_mean, running_var, factor, eps);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(uniform_vit, m) {
-  m.def("batch_norm_train(Tensor x, Tensor w, Tensor b, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_train(Tensor x, Tensor w, Tensor b, Tensor(a!) running_mean, Tensor(b!) running_var, "
+        "float factor, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_train_backward(Tensor g, Tensor x, Tensor mean, Tensor invstd, Tensor w) -> "
         "(Tensor, Tensor, Tensor)");
 }
@@ -184,4 +247,8 @@ TORCH_LIBRARY_FRAGMENT(uniform_vit, m) {
 TORCH_LIBRARY_IMPL(uniform_vit, CPU, m) {
   m.impl("batch_norm_train", &batch_norm_train);
   m.impl("batch_norm_train_backward", &batch_norm_train_backward);
+}
+
+TORCH_LIBRARY_IMPL(uniform_vit, Autograd, m) {
+  m.impl("batch_norm_train", &batch_norm_train_autograd);
 }
