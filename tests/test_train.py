@@ -306,6 +306,12 @@ def test_matmul_precision_auto_takes_bf16_products_on_amx_cpus_only(tmp_path, ca
           model=model)
     assert set(seen) == {'medium'} and torch.get_float32_matmul_precision() == 'highest'
     assert 'fp32 matmul precision medium (auto: AMX)' in capsys.readouterr().out
+    monkeypatch.setattr(engine, 'cpu_has_amx', lambda: False)  # no AMX: exact fp32, and the banner says nothing
+    seen.clear()
+    train(make_config(**TINY, recipe='small', epochs=1, matmul_precision='auto', output=str(tmp_path / 'run2')),
+          model=model)
+    out = capsys.readouterr().out
+    assert set(seen) == {'highest'} and 'matmul precision' not in out and 'AMX' not in out
 
 
 def test_compiled_training_step_matches_eager_and_saves_plain_keys(tmp_path):

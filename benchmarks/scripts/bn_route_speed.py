@@ -36,6 +36,7 @@ import uniform_vit  # noqa: F401
 import uniform_vit.layers.conv as conv
 from uniform_vit.bench.harness import interleaved_timing, median
 from uniform_vit.layers import cpu_kernels
+from uniform_vit.train.engine import matmul_precision
 
 
 def bn_shapes(model: torch.nn.Module, x: torch.Tensor) -> Counter:
@@ -111,13 +112,11 @@ def main() -> None:
             adamw_step(model, opt, x, y)
         return step
 
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(args.matmul_precision)
     try:
-        t = interleaved_timing({k: make(*v) for k, v in arms.items()}, rounds=args.rounds, warmup=1, inner=3)
+        with matmul_precision(args.matmul_precision):
+            t = interleaved_timing({k: make(*v) for k, v in arms.items()}, rounds=args.rounds, warmup=1, inner=3)
     finally:
         conv.BN_KERNEL, conv.BN_ALL_CHANNELS = old
-        torch.set_float32_matmul_precision(prev)
     print(f"This CPU's default: {'ops-all' if conv.BN_ALL_CHANNELS else 'multiple-16'}\n")
     print_ratios(t, 'multiple-16', args.batch_size, first='step arm')
 

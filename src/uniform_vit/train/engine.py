@@ -746,7 +746,7 @@ def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: 
           f"augmentation {aug_note}"
           f"{' | torch.compile' if cfg.compile else ''}"
           f"{f' | fp32 matmul precision {precision}' if precision != 'highest' else ''}"
-          f"{' (auto: AMX)' if precision != cfg.matmul_precision else ''}"
+          f"{' (auto: AMX)' if precision != 'highest' and cfg.matmul_precision == 'auto' else ''}"
           f" | malloc {allocator_label()}", flush=True)
     kind = f"{cfg.attn_type}, " if cfg.model.startswith('uniform_') else ''  # attn_type only applies to UniForm
     sizes = [epoch_img_size(cfg, e) for e in range(cfg.epochs)]
