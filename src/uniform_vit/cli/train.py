@@ -60,6 +60,9 @@ _HELP = {
                'e.g. 0.05 (default 0: off)',
     'sam_epochs': 'take SAM steps in the last N epochs only (late-phase SAM, about as good as SAM throughout); '
                   'default: every epoch when --sam-rho is set',
+    'self_distill': "progressive self-distillation (PS-KD): each image's target mixes its label with the model's own "
+                    "prediction for it in the previous epoch, the prediction's weight rising linearly to this value "
+                    "at the last epoch; no extra compute. e.g. 0.8 (default 0: off; not with Mixup/CutMix)",
     'aa': "timm RandAugment string, e.g. rand-m9-mstd0.5; 'none' to disable",
 }
 

@@ -69,6 +69,7 @@ class TrainConfig:
     no_aug_epochs: int = 0  # the last N epochs on the evaluation view: whole image, flips only, no mixing (YOLOX)
     sam_rho: float = 0.0  # sharpness-aware minimisation's radius (Foret et al. 2021); 0: off
     sam_epochs: int | None = None  # SAM in the last N epochs only (late-phase SAM, Zhou et al. 2024); None: all
+    self_distill: float = 0.0  # PS-KD (Kim et al. 2021): last epoch's own predictions' final weight in the targets
     model_ema: bool = False
     model_ema_decay: float = 0.9998
     # machinery
@@ -154,11 +155,13 @@ def make_config(config: str | os.PathLike | None = None, **overrides: Any) -> Tr
         values['config'] = str(config)
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     cfg._typed = set(overrides)  # what the caller set explicitly: on --resume these win over the saved config
-    validate(cfg)
+    validate(cfg, merged=not cfg.resume)
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, merged: bool = True) -> None:
+    """Raise a UserError for the first bad value. ``merged=False``: the typed values of a ``--resume`` before the
+    saved run's settings fill in the rest, so the checks that combine two options wait for the merge."""
     checks = [
         (cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"batch size must be at least 1, got {cfg.batch_size}"),
@@ -186,6 +189,10 @@ def validate(cfg: TrainConfig) -> None:
          "use a smaller --batch-size or drop --grad-accum"),
         (cfg.sam_rho == 0 or cfg.amp != 'fp16',
          "SAM (--sam-rho) does not combine with --amp fp16 (its loss scaling); use --amp bf16 or none"),
+        (0 <= cfg.self_distill <= 1, f"self_distill must be in [0, 1] (0: off), got {cfg.self_distill}"),
+        (cfg.self_distill == 0 or not merged or (cfg.mixup == 0 and cfg.cutmix == 0),
+         "self-distillation (--self-distill) does not combine with Mixup/CutMix (their mixed targets replace the "
+         "labels it mixes with); set --mixup 0 --cutmix 0 (the 'small' recipe does)"),
         (cfg.keep_every >= 0, f"keep_every must be 0 (off) or a number of epochs, got {cfg.keep_every}"),
         # a resumed run takes its data from the saved config (checked again after the merge)
         (cfg.dataset is not None or cfg.data_dir is not None or bool(cfg.resume), "give --dataset or --data-dir"),

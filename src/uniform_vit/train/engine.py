@@ -340,9 +340,10 @@ def _bar(total: int, desc: str, enabled: bool):
 # ---- reporting ----------------------------------------------------------------------------------------------------
 
 # plain: 1 for the last --no-aug-epochs (evaluation view, no mixing), else 0; sam: 1 for the epochs that took
-# sharpness-aware steps (--sam-rho, --sam-epochs), else 0
+# sharpness-aware steps (--sam-rho, --sam-epochs), else 0; distill_alpha: the weight of last epoch's own predictions
+# in the targets (--self-distill), else 0
 CSV_FIELDS = ['epoch', 'lr', 'train_loss', 'val_loss', 'top1', 'top5', 'top1_ema', 'img_per_s', 'epoch_seconds',
-              'img_size', 'plain', 'sam']
+              'img_size', 'plain', 'sam', 'distill_alpha']
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
@@ -462,6 +463,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     from ..data import check_labels
     from ..utils.checkpoint import load_checkpoint, save_checkpoint
     from .sam import SharpnessAware
+    from .self_distill import SelfDistill
 
     resumed = _load_resume(cfg)
     if resumed:  # the run's own settings, with what the user typed now (kept in cfg) on top
@@ -535,6 +537,9 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                         "use --amp none")
     sam = SharpnessAware(model, cfg.sam_rho) if cfg.sam_rho else None
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
+    # PS-KD: last epoch's own predictions mixed into the targets (--self-distill); a soft-target loss then
+    distill = SelfDistill(len(train_ds), num_classes, cfg.self_distill, cfg.smoothing) if cfg.self_distill else None
+    soft = SoftTargetCrossEntropy()
 
     start_epoch, history, train_seconds = 0, [], 0.0
     best: dict[str, Any] = dict(top1=-1.0, epoch=-1, top5=None)
@@ -547,6 +552,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
             ema.module.load_state_dict(st['model_ema'] if st.get('model_ema') is not None else st['model'])
         if st.get('scaler'):
             scaler.load_state_dict(st['scaler'])
+        if distill is not None and st.get('self_distill') is not None:  # else (a fork): from the labels again
+            distill.load_state_dict(st['self_distill'])
         set_rng_state(st['rng'][info.rank] if info.rank < len(st['rng']) else st['rng'][0])
         start_epoch, history, train_seconds = st['epoch'] + 1, list(st['history']), float(st['train_seconds'])
         best = dict(st['best'])
@@ -577,10 +584,15 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     vl = eval_loader(val_ds, cfg.batch_size, info, workers, batched=cfg.batch_aug != 'off')
     size, plain = cfg.img_size, False
 
-    def forward_loss(x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's loss, and 1.0 when it is not finite on any process (else 0.0)."""
+    def forward_loss(x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+                     idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss, and 1.0 when it is not finite on any process (else 0.0). ``idx`` (the batch's image
+        indices): record the predictions for self-distillation."""
         with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-            loss = loss_fn(fwd(x), y)
+            logits = fwd(x)
+            loss = loss_fn(logits, y)
+        if idx is not None:
+            distill.record(idx, logits)
         bad = (~torch.isfinite(loss.detach())).float().cpu()
         if info.enabled:
             all_reduce_sum(bad, info)
@@ -594,6 +606,10 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         mix, loss_fn = (None, hard) if plain else (mixup, criterion)
         sharp = sam if sam_epoch(cfg, epoch) else None
         loader = train_loader(train_ds, cfg, info, epoch, workers, batched)
+        order = None
+        if distill is not None:  # the images of each batch, in the sampler's order (both loaders follow it)
+            order = torch.as_tensor(list(loader.sampler), dtype=torch.int64)
+            alpha, loss_fn = distill.alpha_at(epoch, cfg.epochs), soft
         t0 = time.perf_counter()
         ddp.train()
         loss_sum, seen, bad = torch.zeros((), dtype=torch.float64), 0, torch.zeros(())
@@ -607,10 +623,14 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if mix is not None:
                     x, y = mix(x, y)
+                idx = None
+                if order is not None:
+                    idx = order[step * cfg.batch_size:step * cfg.batch_size + len(x)]
+                    y = distill.targets(idx, y, alpha)
                 last_micro = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(loader)
                 sync = nullcontext() if last_micro or not info.enabled else ddp.no_sync()
                 with sync:
-                    loss, bad = forward_loss(x, y, loss_fn)
+                    loss, bad = forward_loss(x, y, loss_fn, idx)
                     if bad.item():
                         break
                     scaler.scale(loss / cfg.grad_accum).backward()
@@ -651,13 +671,16 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
             from timm.utils import distribute_bn
 
             distribute_bn(model, info.world_size, reduce=True)
+        if distill is not None:
+            distill.end_epoch(info)
         epoch_time = time.perf_counter() - t0
         train_seconds += epoch_time
         totals = all_reduce_sum(torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64), info)
         row: dict[str, Any] = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]['lr'],
                                    train_loss=float(totals[0] / max(totals[1], 1)),
                                    img_per_s=float(totals[1]) / epoch_time, epoch_seconds=epoch_time, img_size=size,
-                                   plain=int(plain), sam=int(sharp is not None))
+                                   plain=int(plain), sam=int(sharp is not None),
+                                   distill_alpha=alpha if distill is not None else 0.0)
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             res = evaluate(model, vl, num_classes, device, dtype, info, cl, cfg.progress, 'val')
             row.update(val_loss=res['loss'], top1=res['top1'], top5=res['top5'])
@@ -678,6 +701,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                 model=model.state_dict(), model_ema=ema.module.state_dict() if ema is not None else None,
                 optimizer=optimizer.state_dict(), scheduler=_plain(scheduler.state_dict()),
                 scaler=scaler.state_dict() if scaler.is_enabled() else None, epoch=epoch, rng=rngs,
+                self_distill=distill.state_dict() if distill is not None else None,
                 config=config_dict(cfg), history=history, best=best, train_seconds=train_seconds, meta=meta),
                 out / CHECKPOINT)
             if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:  # a point to resume or fork a variant from
@@ -758,7 +782,8 @@ def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: 
           f"{cfg.dataset or cfg.data_dir}: {n_train} train / {n_val} val at {cfg.img_size} px{grow} | "
           f"recipe {cfg.recipe} | "
           f"{cfg.epochs} epochs{f' (the last {cfg.no_aug_epochs} plain)' if cfg.no_aug_epochs else ''}"
-          f"{_sam_note(cfg)}, "
+          f"{_sam_note(cfg)}"
+          f"{f', self-distillation (PS-KD) alpha {cfg.self_distill:g}' if cfg.self_distill else ''}, "
           f"batch {total_batch} (= {cfg.batch_size} x {info.world_size} x {cfg.grad_accum}), "
           f"lr {lr:.3g} | output {cfg.output}", flush=True)
 
