@@ -288,6 +288,7 @@ def test_matmul_precision_auto_takes_bf16_products_on_amx_cpus_only(tmp_path, ca
     import uniform_vit.train.engine as engine
 
     assert isinstance(engine.cpu_has_amx(), bool)  # this machine's answer, whichever it is
+    assert make_config(**TINY, output='u').matmul_precision == 'auto'  # the default
     cpu, gpu = torch.device('cpu'), torch.device('cuda')
     for amx in (True, False):
         monkeypatch.setattr(engine, 'cpu_has_amx', lambda amx=amx: amx)

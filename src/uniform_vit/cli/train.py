@@ -43,11 +43,11 @@ _HELP = {
     'strict': 'stop at the first unreadable image instead of skipping it with a warning',
     'model_ema': 'keep an EMA of the weights and validate it too',
     'amp': 'mixed precision: auto (GPU: bf16, else fp16; CPU: off), bf16, fp16, none',
-    'matmul_precision': "fp32 matrix products in the training step, as torch.set_float32_matmul_precision: highest "
-                        "(default, IEEE fp32), high (TF32 on NVIDIA GPUs; no change on CPUs), medium (also bf16 "
-                        "products with fp32 sums through oneDNN on CPUs: a uniform_t step 1.09-1.15x as fast on an "
-                        "Intel Xeon with AMX), auto (medium on CPUs with AMX, else highest). Validation always runs "
-                        "at highest",
+    'matmul_precision': "fp32 matrix products in the training step, as torch.set_float32_matmul_precision: auto "
+                        "(default: medium on CPUs with AMX, else highest), highest (IEEE fp32), high (TF32 on NVIDIA "
+                        "GPUs; no change on CPUs), medium (bf16 products with fp32 sums through oneDNN on CPUs: a "
+                        "uniform_t step 1.09-1.15x as fast on an Intel Xeon with AMX). Validation always runs at "
+                        "highest",
     'compile': 'torch.compile the training step (about a minute to compile; then ~1.15x faster on a 2-core CPU)',
     'channels_last': 'model and batches in channels-last memory format (default on: faster on GPUs and CPUs)',
     'translate': 'random shift of up to this fraction of the image size (zero fill), after the crop; e.g. 0.1',

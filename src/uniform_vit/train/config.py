@@ -80,7 +80,8 @@ class TrainConfig:
     device: str = 'auto'  # auto | cpu | cuda | cuda:N
     amp: str = 'auto'  # auto (bf16 on GPUs that have it, else fp16; none on CPU) | bf16 | fp16 | none
     channels_last: bool = True
-    matmul_precision: str = 'highest'  # fp32 products while training: highest | high | medium (bf16 products) | auto
+    # fp32 products while training: auto (medium on CPUs with AMX, else highest) | highest | high | medium (bf16)
+    matmul_precision: str = 'auto'
     compile: bool = False  # torch.compile the training forward/backward (one-time compile cost, faster steps)
     threads: int | None = None  # torch intra-op threads (CPU)
     workers: int | None = None  # data-loader processes; None: 0 on small machines, else up to 8
