@@ -356,6 +356,24 @@ def test_compile_without_a_cpu_compiler_is_a_clear_error(tmp_path, monkeypatch):
         train(make_config(**TINY, recipe='small', epochs=1, compile=True, output=str(tmp_path / 'run')))
 
 
+def test_gpu_process_group_also_reduces_cpu_tensors(monkeypatch):
+    # The trainer reduces CPU tensors on GPU runs too (the non-finite-loss flag every step, loss sums, evaluation
+    # counts), which NCCL alone refuses; the group must carry gloo for them. No GPU here: the wiring is checked.
+    from uniform_vit.train import distributed as d
+
+    seen: list[str] = []
+    monkeypatch.setattr(d.dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(d.dist, 'init_process_group', lambda backend: seen.append(backend))
+    monkeypatch.setattr(d.torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(d.torch.cuda, 'set_device', lambda dev: None)
+    for k, v in dict(WORLD_SIZE='2', RANK='1', LOCAL_RANK='1').items():
+        monkeypatch.setenv(k, v)
+    info = d.init_distributed('auto')
+    assert info.device == torch.device('cuda', 1) and info.rank == 1 and info.enabled
+    assert d.init_distributed('cpu').device.type == 'cpu'
+    assert seen == ['cpu:gloo,cuda:nccl', 'gloo']
+
+
 def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
     # No augmentation (each rank draws its own random numbers); SGD, whose update is linear in the gradient. Rank r
     # gets the r-th slice of every global batch, so 2 processes x batch 8 must equal 1 process x batch 8 x 2

@@ -1,4 +1,5 @@
-"""torchrun / DistributedDataParallel plumbing: NCCL on GPUs, gloo on CPUs; a single process needs none of it."""
+"""torchrun / DistributedDataParallel plumbing: NCCL on GPUs (with gloo for CPU tensors), gloo on CPUs; a single
+process needs none of it."""
 
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def process_group_backend(device: torch.device) -> str:
+    """gloo on CPUs; on GPUs NCCL for the CUDA tensors (gradients, BatchNorm statistics) and gloo beside it for the
+    small CPU tensors the trainer also reduces (the non-finite-loss flag, loss sums, evaluation counts, the
+    self-distillation table): NCCL alone cannot reduce a CPU tensor ("No backend type associated with device type
+    cpu")."""
+    return 'cpu:gloo,cuda:nccl' if device.type == 'cuda' else 'gloo'
+
+
 def init_distributed(device: str = 'auto') -> DistInfo:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); start the process group when there are several."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
@@ -47,7 +56,7 @@ def init_distributed(device: str = 'auto') -> DistInfo:
     if world > 1 and not dist.is_initialized():
         if dev.type == 'cuda':
             torch.cuda.set_device(dev)
-        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+        dist.init_process_group(process_group_backend(dev))
     return DistInfo(rank, world, local, dev)
 
 
