@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from test_train import torchrun_two, weights
+from test_train import DDP_EXACT, max_param_diff, torchrun_two, weights
 from uniform_vit.errors import UserError
 from uniform_vit.train.config import make_config
 from uniform_vit.train.distributed import DistInfo
@@ -115,12 +115,10 @@ def test_self_distillation_forked_into_a_run_without_it(tmp_path):
 
 
 def test_torchrun_two_gloo_processes_share_the_table(tmp_path):
-    # As test_train's DDP check (SGD, no augmentation, rank r takes the r-th slice of each global batch), with
-    # self-distillation over three epochs: 2 processes must match 1 process with 2 accumulated micro-batches only if
-    # every rank's table holds the predictions for all images, including those the other rank trained on.
-    same = dict(recipe='small', epochs=3, seed=5, opt='sgd', lr=0.05, weight_decay=0.0, scale=(1.0, 1.0),
-                ratio=(1.0, 1.0), hflip=0.0, reprob=0.0, smoothing=0.0, warmup_epochs=0.0, batch_size=8,
-                self_distill=1.0, matmul_precision='highest')
+    # As test_train's DDP check (DDP_EXACT), with self-distillation over three epochs: 2 processes must match 1
+    # process with 2 accumulated micro-batches only if every rank's table holds the predictions for all images,
+    # including those the other rank trained on.
+    same = dict(DDP_EXACT, epochs=3, self_distill=1.0, matmul_precision='highest')
     out = tmp_path / 'ddp'
     r = torchrun_two(out, **same)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -128,9 +126,7 @@ def test_torchrun_two_gloo_processes_share_the_table(tmp_path):
     assert s['world_size'] == 2 and s['rank_weight_max_diff'] == 0.0
     single = tmp_path / 'single'
     train(make_config(**{**TINY, **same}, grad_accum=2, output=str(single)))
-    wd, ws = weights(out / 'model_last.safetensors'), weights(single / 'model_last.safetensors')
-    params = [k for k in ws if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
-    assert max(float((ws[k] - wd[k]).abs().max()) for k in params) < 1e-4
+    assert max_param_diff(single, out) < 1e-4
     t_ddp = torch.load(out / CHECKPOINT, weights_only=True)['self_distill']
     t_one = torch.load(single / CHECKPOINT, weights_only=True)['self_distill']
     assert t_ddp['known'].all() and torch.allclose(t_ddp['probs'], t_one['probs'], atol=1e-4)

@@ -50,6 +50,22 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+# No augmentation (each rank draws its own random numbers); SGD, whose update is linear in the gradient. Rank r gets
+# the r-th slice of every global batch, so 2 processes x batch 8 must equal 1 process x batch 8 x 2 accumulated
+# micro-batches (same BatchNorm batches), up to float summation order.
+DDP_EXACT = dict(recipe='small', seed=5, opt='sgd', lr=0.05, weight_decay=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                 hflip=0.0, reprob=0.0, smoothing=0.0, warmup_epochs=0.0, batch_size=8)
+
+
+def max_param_diff(a: Path, b: Path) -> float:
+    """Largest weight difference of two runs' ``model_last.safetensors`` (BatchNorm buffers left out), after
+    checking that the weights are not all zero."""
+    wa, wb = weights(a / 'model_last.safetensors'), weights(b / 'model_last.safetensors')
+    params = [k for k in wa if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    assert any(float(wa[k].abs().max()) > 0 for k in params)
+    return max(float((wa[k] - wb[k]).abs().max()) for k in params)
+
+
 def test_cli_train_writes_metrics_summary_curves_and_val_reads_it(tmp_path, capsys):
     out = tmp_path / 'run'
     r = cli(*tiny_flags(out, epochs=2, recipe='small', lr=3e-3))
@@ -375,11 +391,7 @@ def test_gpu_process_group_also_reduces_cpu_tensors(monkeypatch):
 
 
 def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
-    # No augmentation (each rank draws its own random numbers); SGD, whose update is linear in the gradient. Rank r
-    # gets the r-th slice of every global batch, so 2 processes x batch 8 must equal 1 process x batch 8 x 2
-    # accumulated micro-batches (same BatchNorm batches), up to float summation order.
-    same = dict(recipe='small', epochs=2, seed=5, opt='sgd', lr=0.05, weight_decay=0.0, scale=(1.0, 1.0),
-                ratio=(1.0, 1.0), hflip=0.0, reprob=0.0, smoothing=0.0, warmup_epochs=0.0, batch_size=8)
+    same = dict(DDP_EXACT, epochs=2)
     out = tmp_path / 'ddp'
     r = torchrun_two(out, **same)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -389,11 +401,8 @@ def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
     single = tmp_path / 'single'
     s1 = train(make_config(**{**TINY, **same}, grad_accum=2, output=str(single)))
     assert s1['total_batch'] == 16
-    wd, ws = weights(out / 'model_last.safetensors'), weights(single / 'model_last.safetensors')
-    params = [k for k in ws if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
-    moved = max(float((ws[k] - wd[k]).abs().max()) for k in params)
+    moved = max_param_diff(single, out)
     assert moved < 1e-4, moved
-    assert any(float(ws[k].abs().max()) > 0 for k in params)
 
 
 def test_torchrun_two_gloo_processes_with_sam_stay_in_step(tmp_path):

@@ -162,7 +162,9 @@ def make_config(config: str | os.PathLike | None = None, **overrides: Any) -> Tr
 
 def validate(cfg: TrainConfig, merged: bool = True) -> None:
     """Raise a UserError for the first bad value. ``merged=False``: the typed values of a ``--resume`` before the
-    saved run's settings fill in the rest, so the checks that combine two options wait for the merge."""
+    saved run's settings fill in the rest; a check that would hold a typed option against a default the saved run
+    need not share (``--self-distill`` against the paper recipe's Mixup) waits for the merge, which ``train``
+    validates again."""
     checks = [
         (cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"batch size must be at least 1, got {cfg.batch_size}"),

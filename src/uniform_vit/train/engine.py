@@ -539,7 +539,6 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
     # PS-KD: last epoch's own predictions mixed into the targets (--self-distill); a soft-target loss then
     distill = SelfDistill(len(train_ds), num_classes, cfg.self_distill, cfg.smoothing) if cfg.self_distill else None
-    soft = SoftTargetCrossEntropy()
 
     start_epoch, history, train_seconds = 0, [], 0.0
     best: dict[str, Any] = dict(top1=-1.0, epoch=-1, top5=None)
@@ -609,7 +608,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         order = None
         if distill is not None:  # the images of each batch, in the sampler's order (both loaders follow it)
             order = torch.as_tensor(list(loader.sampler), dtype=torch.int64)
-            alpha, loss_fn = distill.alpha_at(epoch, cfg.epochs), soft
+            alpha, loss_fn = distill.alpha_at(epoch, cfg.epochs), SoftTargetCrossEntropy()
         t0 = time.perf_counter()
         ddp.train()
         loss_sum, seen, bad = torch.zeros((), dtype=torch.float64), 0, torch.zeros(())

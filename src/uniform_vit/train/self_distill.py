@@ -45,10 +45,11 @@ class SelfDistill:
 
     def targets(self, idx: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
         """Soft targets ``(B, C)`` for the images ``idx`` with labels ``y``."""
+        from timm.data.mixup import one_hot
+
         idx = idx.cpu()
-        c = self.num_classes
-        hard = torch.full((len(y), c), self.smoothing / c, device=y.device)
-        hard.scatter_(1, y[:, None], 1.0 - self.smoothing + self.smoothing / c)
+        off = self.smoothing / self.num_classes  # timm's smoothed one-hot, as its Mixup targets
+        hard = one_hot(y, self.num_classes, on_value=1.0 - self.smoothing + off, off_value=off)
         w = (alpha * self.known[idx].float())[:, None].to(y.device)  # no prediction yet: the label alone
         return (1.0 - w) * hard + w * self.probs[idx].to(y.device)
 
