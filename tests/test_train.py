@@ -261,6 +261,20 @@ def test_opt_picks_timm_optimiser_with_its_own_weight_decay(tmp_path):
         make_config(**TINY, epochs=1, opt='lookahead_adamx')
 
 
+def test_opt_muon_orthogonalises_the_matrices_and_resumes_exactly(tmp_path):
+    # --opt muon: timm's Muon (momentum orthogonalised by Newton-Schulz) on the 2-d and dense conv weights, its AdamW
+    # fallback on norms, biases, depthwise kernels and the attention bias tables; both kinds of state checkpointed
+    kw = dict(**TINY, recipe='small', epochs=2, seed=4, opt='muon', lr=4e-3)
+    train(make_config(**kw, keep_every=1, output=str(tmp_path / 'a')))
+    state = torch.load(tmp_path / 'a' / CHECKPOINT, weights_only=False)['optimizer']['state']
+    kinds = {s['use_muon'] for s in state.values()}
+    assert kinds == {True, False}
+    assert all(('momentum_buffer' in s) == s['use_muon'] and ('exp_avg_sq' in s) != s['use_muon']
+               for s in state.values())
+    train(make_config(**kw, resume=str(tmp_path / 'a' / 'checkpoint_epoch1.pth'), output=str(tmp_path / 'b')))
+    assert max_param_diff(tmp_path / 'a', tmp_path / 'b') == 0
+
+
 @pytest.mark.parametrize('channels_last', [True, False])
 def test_channels_last_applies_on_cpu_and_checkpoints_load_either_way(tmp_path, channels_last):
     import timm
