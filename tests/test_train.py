@@ -261,7 +261,7 @@ def test_opt_picks_timm_optimiser_with_its_own_weight_decay(tmp_path):
         make_config(**TINY, epochs=1, opt='lookahead_adamx')
 
 
-def test_opt_muon_orthogonalises_the_matrices_and_resumes_exactly(tmp_path):
+def test_opt_muon_routes_matrices_and_fallback_and_resumes_exactly(tmp_path):
     # --opt muon: timm's Muon (momentum orthogonalised by Newton-Schulz) on the 2-d and dense conv weights, its AdamW
     # fallback on norms, biases, depthwise kernels and the attention bias tables; both kinds of state checkpointed
     kw = dict(**TINY, recipe='small', epochs=2, seed=4, opt='muon', lr=4e-3)

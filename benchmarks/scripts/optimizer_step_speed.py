@@ -11,8 +11,6 @@ The optimiser's step alone is timed too (the same interleaving), since it is wha
 
 from __future__ import annotations
 
-import time
-
 import torch
 from _step_args import adamw_step, print_ratios, set_up, step_inputs, step_parser
 from timm.optim import create_optimizer_v2
@@ -42,15 +40,10 @@ def main() -> None:
     print_ratios(t, names[0], args.batch_size, first='optimiser')
 
     adamw_step(model, opts[names[0]], x, y)  # gradients in place for the step-only timing
-    step_ms: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(args.rounds * 3):
-        for n, o in opts.items():
-            t0 = time.perf_counter()
-            o.step()
-            step_ms[n].append(1e3 * (time.perf_counter() - t0))
+    alone = interleaved_timing({n: o.step for n, o in opts.items()}, rounds=args.rounds, warmup=1, inner=3)
     print('\n| optimiser | its step alone, ms (median) |\n|---|---|')
     for n in names:
-        print(f'| {n} | {median(step_ms[n]):.1f} |')
+        print(f'| {n} | {1e3 * median(alone[n]):.1f} |')
 
 
 if __name__ == '__main__':
