@@ -244,11 +244,12 @@ def test_finetune_with_other_class_count_reinitialises_head(tmp_path):
 
 
 def test_opt_picks_timm_optimiser_with_its_own_weight_decay(tmp_path):
-    # --opt sgd: timm's SGD with Nesterov momentum, weight decay on the weights only (none on norms and biases)
-    train(make_config(**TINY, recipe='small', epochs=1, opt='sgd', lr=0.1, weight_decay=5e-4,
+    # --opt sgd: timm's SGD with Nesterov momentum (--momentum, not timm's 0.9 here), weight decay on the weights
+    # only (none on norms and biases)
+    train(make_config(**TINY, recipe='small', epochs=1, opt='sgd', lr=0.1, weight_decay=5e-4, momentum=0.8,
                       output=str(tmp_path / 'sgd')))
     groups = torch.load(tmp_path / 'sgd' / CHECKPOINT, weights_only=False)['optimizer']['param_groups']
-    assert all(g['nesterov'] and g['momentum'] == 0.9 and 'betas' not in g for g in groups)
+    assert all(g['nesterov'] and g['momentum'] == 0.8 and 'betas' not in g for g in groups)
     assert sorted(g['weight_decay'] for g in groups) == [0.0, 5e-4]
     assert all(g['fused'] for g in groups)  # torch's fused step (one kernel over all parameters)
     train(make_config(**TINY, recipe='small', epochs=1, opt='lamb', output=str(tmp_path / 'lamb')))
@@ -267,6 +268,8 @@ def test_opt_muon_routes_matrices_and_fallback_and_resumes_exactly(tmp_path):
     kw = dict(**TINY, recipe='small', epochs=2, seed=4, opt='muon', lr=4e-3)
     train(make_config(**kw, keep_every=1, output=str(tmp_path / 'a')))
     state = torch.load(tmp_path / 'a' / CHECKPOINT, weights_only=False)['optimizer']['state']
+    groups = torch.load(tmp_path / 'a' / CHECKPOINT, weights_only=False)['optimizer']['param_groups']
+    assert all(g['momentum'] == 0.9 and g['betas'] == (0.9, 0.999) for g in groups)  # the defaults reach timm
     kinds = {s['use_muon'] for s in state.values()}
     assert kinds == {True, False}
     assert all(('momentum_buffer' in s) == s['use_muon'] and ('exp_avg_sq' in s) != s['use_muon']

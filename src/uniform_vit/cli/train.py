@@ -24,6 +24,8 @@ _HELP = {
     'recipe': "'paper' (ImageNet recipe, default) or 'small' (short runs on small datasets)",
     'batch_size': 'images per process and step (total = this x processes x --grad-accum)',
     'grad_accum': 'micro-batches per optimiser step (for small memory)',
+    'momentum': "momentum of the optimisers that have one (--opt sgd, muon, nmuon, ...; default 0.9); AdamW's "
+                'first moment is --betas A',
     'lr': 'peak learning rate (default: --base-lr x total batch / 512)',
     'output': 'run folder: checkpoint.pth, metrics.csv, summary.json, curves.png, model_best.safetensors',
     'checkpoint': 'initial weights; another class count re-initialises the head (fine-tuning)',

@@ -49,6 +49,7 @@ class TrainConfig:
     opt: str = 'adamw'
     opt_eps: float = 1e-8
     betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9  # SGD's and Muon's momentum (timm's default; AdamW and the like ignore it)
     sched: str = 'cosine'
     clip_grad: float | None = 5.0
     # regularisation and augmentation (timm)
