@@ -255,6 +255,8 @@ def test_opt_picks_timm_optimiser_with_its_own_weight_decay(tmp_path):
     train(make_config(**TINY, recipe='small', epochs=1, opt='lamb', output=str(tmp_path / 'lamb')))
     groups = torch.load(tmp_path / 'lamb' / CHECKPOINT, weights_only=False)['optimizer']['param_groups']
     assert all('fused' not in g for g in groups)  # timm's own optimisers have no fused form: not asked for one
+    with pytest.raises(UserError, match=r'momentum must be in \[0, 1\), got 1.5'):
+        make_config(**TINY, epochs=1, opt='sgd', momentum=1.5)
     with pytest.raises(UserError, match="unknown optimiser 'sgdd'.*did you mean sgd"):
         make_config(**TINY, epochs=1, opt='sgdd')
     assert make_config(**TINY, epochs=1, opt='Lookahead_AdamW').opt == 'Lookahead_AdamW'  # timm's wrapper form

@@ -175,6 +175,7 @@ def validate(cfg: TrainConfig, merged: bool = True) -> None:
         (cfg.amp in ('auto', 'bf16', 'fp16', 'none'), f"amp must be auto, bf16, fp16 or none, got {cfg.amp!r}"),
         (cfg.matmul_precision in ('auto', 'highest', 'high', 'medium'),
          f"matmul_precision must be auto, highest, high or medium, got {cfg.matmul_precision!r}"),
+        (0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}"),
         (0 <= cfg.smoothing < 1, f"smoothing must be in [0, 1), got {cfg.smoothing}"),
         (0 <= cfg.drop_path < 1, f"drop_path must be in [0, 1) (the last block's rate), got {cfg.drop_path}"),
         (0 <= cfg.no_aug_epochs <= cfg.epochs,
