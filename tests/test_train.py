@@ -269,9 +269,10 @@ def test_opt_muon_routes_matrices_and_fallback_and_resumes_exactly(tmp_path):
     # fallback on norms, biases, depthwise kernels and the attention bias tables; both kinds of state checkpointed
     kw = dict(**TINY, recipe='small', epochs=2, seed=4, opt='muon', lr=4e-3)
     train(make_config(**kw, keep_every=1, output=str(tmp_path / 'a')))
-    state = torch.load(tmp_path / 'a' / CHECKPOINT, weights_only=False)['optimizer']['state']
-    groups = torch.load(tmp_path / 'a' / CHECKPOINT, weights_only=False)['optimizer']['param_groups']
-    assert all(g['momentum'] == 0.9 and g['betas'] == (0.9, 0.999) for g in groups)  # the defaults reach timm
+    opt_state = torch.load(tmp_path / 'a' / CHECKPOINT, weights_only=False)['optimizer']
+    state = opt_state['state']
+    # the defaults reach timm
+    assert all(g['momentum'] == 0.9 and g['betas'] == (0.9, 0.999) for g in opt_state['param_groups'])
     kinds = {s['use_muon'] for s in state.values()}
     assert kinds == {True, False}
     assert all(('momentum_buffer' in s) == s['use_muon'] and ('exp_avg_sq' in s) != s['use_muon']
