@@ -26,10 +26,6 @@ _HELP = {
     'grad_accum': 'micro-batches per optimiser step (for small memory)',
     'momentum': "momentum of the optimisers that have one (--opt sgd, muon, nmuon, ...; default 0.9); AdamW's "
                 'first moment is --betas A',
-    'zero': "under torchrun, shard the optimiser across the processes (ZeRO stage 1, torch's "
-            'ZeroRedundancyOptimizer): each keeps the state of and steps only its share of the weights, then '
-            'broadcasts them; less memory per process, and less time where the step is dear (Muon\'s Newton-Schulz '
-            'products). The same weights as without it. No effect in one process',
     'lr': 'peak learning rate (default: --base-lr x total batch / 512)',
     'output': 'run folder: checkpoint.pth, metrics.csv, summary.json, curves.png, model_best.safetensors',
     'checkpoint': 'initial weights; another class count re-initialises the head (fine-tuning)',

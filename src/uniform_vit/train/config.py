@@ -50,9 +50,6 @@ class TrainConfig:
     opt_eps: float = 1e-8
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # SGD's and Muon's momentum (timm's default; AdamW and the like ignore it)
-    # ZeRO stage 1 under torchrun: each process keeps and steps the optimiser state of its share of the weights, then
-    # sends them to the others (torch's ZeroRedundancyOptimizer); no effect in one process
-    zero: bool = False
     sched: str = 'cosine'
     clip_grad: float | None = 5.0
     # regularisation and augmentation (timm)

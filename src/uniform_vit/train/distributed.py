@@ -74,18 +74,3 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def shard_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """ZeRO stage 1: the same optimiser (class, parameter groups, settings) as torch's ZeroRedundancyOptimizer, which
-    gives each process the state of its share of the parameters (split by size), steps only those and broadcasts
-    them to the other processes. Every process must have all gradients (DDP's all-reduce does that), and
-    ``consolidate_state_dict`` must run on all of them before one of them calls ``state_dict``."""
-    import inspect
-
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    # settings its constructor does not take (torch's AdamW records decoupled_weight_decay) stay in the groups only
-    accepted = inspect.signature(type(opt).__init__).parameters
-    defaults = {k: v for k, v in opt.defaults.items() if k in accepted}
-    return ZeroRedundancyOptimizer([dict(g) for g in opt.param_groups], optimizer_class=type(opt), **defaults)

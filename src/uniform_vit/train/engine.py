@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..utils.checkpoint import atomic_target
 from ..utils.tta import log_probs
 from .config import TrainConfig, config_dict, config_from_dict, validate
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, shard_optimizer
+from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 
 CHECKPOINT = 'checkpoint.pth'  # full training state, rewritten atomically after every epoch
 BEST = 'model_best.safetensors'  # best validation top-1 weights (EMA when it won), with label meta
@@ -505,12 +505,6 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     lr = cfg.lr or cfg.base_lr * total_batch / 512
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps,
                                     betas=cfg.betas, momentum=cfg.momentum, **fused_optimizer_kwargs(cfg.opt, device))
-    sharded = cfg.zero and info.enabled
-    if sharded:
-        optimizer = shard_optimizer(optimizer)
-    # the weights whose optimiser state this process keeps and steps: all of them, or its share under --zero
-    own = optimizer.optim if sharded else optimizer
-    opt_share = sum(p.numel() for g in own.param_groups for p in g['params'])
     # (no decay on 1-d params (norms, biases) or what the model's no_weight_decay() names)
     workers = default_workers(cfg, info.world_size)
     batched = batched_source(cfg, train_ds, device)
@@ -583,7 +577,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                 interpolation=cfg.interpolation, crop_pct=1.0, dataset=cfg.dataset or 'folder', fused=False)
     if info.main:
         _banner(cfg, info, params, len(train_ds), len(val_ds), total_batch, lr, in_chans, dtype, workers, aug_note,
-                precision, opt_share)
+                precision)
 
     # always at the final size, whatever the epoch trains at; Pillow per image with --batch-aug off
     vl = eval_loader(val_ds, cfg.batch_size, info, workers, batched=cfg.batch_aug != 'off')
@@ -700,8 +694,6 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                 if info.main:
                     save_checkpoint(winner, out / BEST, meta)
         history.append(row)
-        if sharded:  # every process sends its share of the optimiser state to the one that writes the checkpoint
-            optimizer.consolidate_state_dict(to=0)
         if info.main:
             rngs = [rng_state()]
             atomic_torch_save(dict(
@@ -725,8 +717,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         best_is_ema=bool(best.get('ema')), final_top1=history[-1].get('top1'), final_top5=history[-1].get('top5'),
         train_seconds=round(train_seconds, 1),
         train_img_per_s=round(sum(h['img_per_s'] for h in history) / len(history), 1),
-        total_batch=total_batch, lr=lr, world_size=info.world_size, rank_weight_max_diff=rank_diff,
-        optimizer_params_here=opt_share, device=str(device),
+        total_batch=total_batch, lr=lr, world_size=info.world_size, rank_weight_max_diff=rank_diff, device=str(device),
         threads=torch.get_num_threads(), torch=torch.__version__, recipe=cfg.recipe,
         unreadable_images=len(getattr(getattr(train_ds, 'dataset', train_ds), 'bad_files', [])) +
         len(getattr(getattr(val_ds, 'dataset', val_ds), 'bad_files', [])),
@@ -769,16 +760,11 @@ def _typed_keys(cfg: TrainConfig) -> set[str]:
 
 
 def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: int, total_batch: int, lr: float,
-            in_chans: int, dtype: torch.dtype | None, workers: int, aug_note: str, precision: str,
-            opt_share: int) -> None:
+            in_chans: int, dtype: torch.dtype | None, workers: int, aug_note: str, precision: str) -> None:
     from ..utils.malloc import allocator_label
 
     dev = torch.cuda.get_device_name(info.device) if info.device.type == 'cuda' else f'CPU x{torch.get_num_threads()}'
-    zero = ''
-    if cfg.zero:
-        zero = (f' (optimiser sharded: ZeRO, {opt_share / 1e6:.2f} M weights stepped here)' if info.enabled
-                else ' (--zero: no effect in one process)')
-    print(f"uniform-vit train | torch {torch.__version__} | {dev} | processes {info.world_size}{zero} | "
+    print(f"uniform-vit train | torch {torch.__version__} | {dev} | processes {info.world_size} | "
           f"amp {str(dtype).replace('torch.', '') if dtype else 'off'} | loader workers {workers} | "
           f"augmentation {aug_note}"
           f"{' | torch.compile' if cfg.compile else ''}"
