@@ -20,10 +20,25 @@ from uniform_vit.bench.harness import interleaved_timing, median
 from uniform_vit.train.engine import fused_optimizer_kwargs
 
 
+def _setting(kv: str) -> tuple[str, int | float | str]:
+    """'ns_steps=3' -> ('ns_steps', 3); numbers become int or float, anything else stays a string."""
+    key, sep, value = kv.partition('=')
+    if not sep or not key:
+        raise SystemExit(f"optimiser setting {kv!r}: expected KEY=VALUE")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main() -> None:
     p = step_parser(__doc__, img_size=112)
     p.add_argument('--model', default='uniform_t')
-    p.add_argument('--opts', default='adamw,muon', help="comma-separated timm optimiser names; the first is the base")
+    p.add_argument('--opts', default='adamw,muon',
+                   help="comma-separated timm optimiser names, each with optional settings for timm after colons "
+                        "(muon:ns_steps=3:ns_coefficients=polar_express); the first is the base")
     p.add_argument('--matmul-precision', default='highest', choices=('highest', 'high', 'medium'),
                    help="torch.set_float32_matmul_precision for all arms ('medium': bf16 products on AMX CPUs)")
     args = p.parse_args()
@@ -31,8 +46,12 @@ def main() -> None:
     torch.set_float32_matmul_precision(args.matmul_precision)
     model, x, y = step_inputs(args)
     names = args.opts.split(',')
-    opts = {n: create_optimizer_v2(model, opt=n, lr=0.0, weight_decay=0.05,
-                                   **fused_optimizer_kwargs(n, torch.device('cpu'))) for n in names}
+    opts = {}
+    for arm in names:
+        name, *settings = arm.split(':')
+        kw = dict(_setting(kv) for kv in settings)
+        opts[arm] = create_optimizer_v2(model, opt=name, lr=0.0, weight_decay=0.05,
+                                        **fused_optimizer_kwargs(name, torch.device('cpu')), **kw)
     print(f'{args.model}, {args.img_size} px, batch {args.batch_size}, in_chans {args.in_chans}, {args.threads} '
           f'threads, matmul precision {args.matmul_precision}, torch {torch.__version__}, {args.rounds} rounds')
     t = interleaved_timing({n: (lambda o=o: adamw_step(model, o, x, y)) for n, o in opts.items()},
