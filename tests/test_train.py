@@ -281,6 +281,19 @@ def test_opt_muon_routes_matrices_and_fallback_and_resumes_exactly(tmp_path):
     assert max_param_diff(tmp_path / 'a', tmp_path / 'b') == 0
 
 
+def test_ns_steps_reaches_timms_muon_and_is_refused_elsewhere(tmp_path):
+    kw = dict(**TINY, recipe='small', epochs=1, seed=4, lr=4e-3)
+    train(make_config(**kw, opt='muon', ns_steps=3, output=str(tmp_path / 'ns3')))
+    groups = torch.load(tmp_path / 'ns3' / CHECKPOINT, weights_only=False)['optimizer']['param_groups']
+    assert all(g['ns_steps'] == 3 for g in groups)
+    train(make_config(**kw, opt='muon', output=str(tmp_path / 'ns5')))
+    assert max_param_diff(tmp_path / 'ns3', tmp_path / 'ns5') > 0  # fewer iterations, other updates
+    with pytest.raises(UserError, match=r"ns_steps \(Newton-Schulz iterations\) applies to --opt .*muon.* not 'adamw'"):
+        make_config(**kw, opt='adamw', ns_steps=3)
+    with pytest.raises(UserError, match='ns_steps must be at least 1, got 0'):
+        make_config(**kw, opt='muon', ns_steps=0)
+
+
 @pytest.mark.parametrize('channels_last', [True, False])
 def test_channels_last_applies_on_cpu_and_checkpoints_load_either_way(tmp_path, channels_last):
     import timm

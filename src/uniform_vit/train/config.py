@@ -50,6 +50,7 @@ class TrainConfig:
     opt_eps: float = 1e-8
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # SGD's and Muon's momentum (timm's default; AdamW and the like ignore it)
+    ns_steps: int | None = None  # Muon's Newton-Schulz iterations per step (None: timm's 5); muon-family --opt only
     sched: str = 'cosine'
     clip_grad: float | None = 5.0
     # regularisation and augmentation (timm)
@@ -103,6 +104,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 _TUPLE_FIELDS = {'betas', 'scale', 'ratio'}
+MUON_OPTIMIZERS = {'muon', 'nmuon', 'adamuon', 'nadamuon'}  # timm's optimisers that orthogonalise by Newton-Schulz
 
 
 def field_names() -> list[str]:
@@ -176,6 +178,10 @@ def validate(cfg: TrainConfig, merged: bool = True) -> None:
         (cfg.matmul_precision in ('auto', 'highest', 'high', 'medium'),
          f"matmul_precision must be auto, highest, high or medium, got {cfg.matmul_precision!r}"),
         (0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}"),
+        (cfg.ns_steps is None or cfg.ns_steps >= 1, f"ns_steps must be at least 1, got {cfg.ns_steps}"),
+        (cfg.ns_steps is None or cfg.opt.lower() in MUON_OPTIMIZERS,
+         f"ns_steps (Newton-Schulz iterations) applies to --opt {', '.join(sorted(MUON_OPTIMIZERS))} only, "
+         f"not {cfg.opt!r}"),
         (0 <= cfg.smoothing < 1, f"smoothing must be in [0, 1), got {cfg.smoothing}"),
         (0 <= cfg.drop_path < 1, f"drop_path must be in [0, 1) (the last block's rate), got {cfg.drop_path}"),
         (0 <= cfg.no_aug_epochs <= cfg.epochs,

@@ -504,7 +504,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     total_batch = cfg.batch_size * info.world_size * cfg.grad_accum
     lr = cfg.lr or cfg.base_lr * total_batch / 512
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps,
-                                    betas=cfg.betas, momentum=cfg.momentum, **fused_optimizer_kwargs(cfg.opt, device))
+                                    betas=cfg.betas, momentum=cfg.momentum, **fused_optimizer_kwargs(cfg.opt, device),
+                                    **({'ns_steps': cfg.ns_steps} if cfg.ns_steps else {}))
     # (no decay on 1-d params (norms, biases) or what the model's no_weight_decay() names)
     workers = default_workers(cfg, info.world_size)
     batched = batched_source(cfg, train_ds, device)
