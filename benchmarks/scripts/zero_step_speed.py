@@ -7,26 +7,25 @@ Each arm is a uniform_t at 112 px (seed 0, channels-last) with its own DDP wrapp
 ``create_optimizer_v2`` at learning rate 0, so the weights stay put); a step is what a training step of
 ``uniform-vit train`` does less the data (``_step_args.adamw_step`` on the DDP module): forward, label-smoothed loss,
 backward (DDP's all-reduce), gradient clipping at 5, the optimiser's step (under ZeRO each process steps its share of
-the weights, then broadcasts it). The arms run interleaved round by round between barriers; rank 0 prints the img/s
-of the global batch and the median of the per-round ratios to plain DDP. Session 42 measured it on a 2-core CPU with
-Muon, whose Newton-Schulz products ZeRO splits between the processes (benchmarks/train.md). bf16 products where the
-CPU has AMX, as the trainer's ``--matmul-precision auto``.
+the weights, then broadcasts it). The arms run interleaved round by round (uniform_vit.bench.harness; each step
+ends at a barrier); rank 0 prints the img/s of the global batch and the median of the per-round ratios to plain DDP.
+Session 42 measured it on a 2-core CPU with Muon, whose Newton-Schulz products ZeRO splits between the processes
+(benchmarks/train.md). bf16 products where the CPU has AMX, as the trainer's ``--matmul-precision auto``.
 """
 
 from __future__ import annotations
 
 import inspect
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
-from _step_args import adamw_step, set_up, step_inputs, step_parser
+from _step_args import adamw_step, print_ratios, set_up, step_inputs, step_parser
 from timm.optim import create_optimizer_v2
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 import uniform_vit  # noqa: F401  (registers the models)
-from uniform_vit.train.engine import resolve_matmul_precision
+from uniform_vit.bench.harness import interleaved_timing
+from uniform_vit.train.engine import fused_optimizer_kwargs, resolve_matmul_precision
 
 
 def main() -> None:
@@ -42,8 +41,8 @@ def main() -> None:
 
     def make(kind: str):
         model, x, y = step_inputs(args)  # seed 0 each time: the same weights and batch in every arm
-        extra = {'fused': True} if args.opt in ('adam', 'adamw') else {}
-        opt = create_optimizer_v2(model, args.opt, lr=0.0, weight_decay=0.05, betas=(0.9, 0.999), **extra)
+        opt = create_optimizer_v2(model, args.opt, lr=0.0, weight_decay=0.05, betas=(0.9, 0.999),
+                                  **fused_optimizer_kwargs(args.opt, torch.device('cpu')))
         if kind != 'ddp':
             accepted = inspect.signature(type(opt).__init__).parameters
             opt = ZeroRedundancyOptimizer([dict(g) for g in opt.param_groups], type(opt),
@@ -52,25 +51,17 @@ def main() -> None:
         return model, torch.nn.parallel.DistributedDataParallel(model), opt, x, y
 
     arms = {k: make(k) for k in ('ddp', 'zero', 'zero_bucketed')}
-    for _, ddp, opt, x, y in arms.values():  # warm-up
-        for _ in range(2):
-            adamw_step(ddp, opt, x, y)
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    for _ in range(args.rounds):
-        for k, (_, ddp, opt, x, y) in arms.items():
-            dist.barrier()
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                adamw_step(ddp, opt, x, y)
-            dist.barrier()
-            times[k].append((time.perf_counter() - t) / args.steps)
+
+    def step(model, ddp, opt, x, y) -> None:  # every process in step with the others before the clock reads
+        adamw_step(ddp, opt, x, y)
+        dist.barrier()
+
+    times = interleaved_timing({k: (lambda a=a: step(*a)) for k, a in arms.items()}, rounds=args.rounds, warmup=2,
+                               inner=args.steps)
     if dist.get_rank() == 0:
         world = dist.get_world_size()
-        print(f'| {args.opt}, {world} processes x {args.threads} thread(s), batch {args.batch_size} x {world} | '
-              f'img/s | / ddp |\n|---|---|---|')
-        for k, t in times.items():
-            ratio = statistics.median(b / v for b, v in zip(times['ddp'], t))
-            print(f'| {k} | {args.batch_size * world / statistics.median(t):.0f} | {ratio:.3f}x |')
+        print(f'{args.opt}, {world} processes x {args.threads} thread(s), batch {args.batch_size} x {world}')
+        print_ratios(times, 'ddp', args.batch_size * world)
         convs = [q for q in arms['zero_bucketed'][0].parameters() if q.ndim == 4 and q.shape[1] > 1 and q.shape[-1] > 1]
         kept = all(q.is_contiguous(memory_format=torch.channels_last) for q in convs)
         print(f'bucketed: dense conv weights still channels-last: {kept}')
