@@ -294,6 +294,25 @@ def test_ns_steps_reaches_timms_muon_and_is_refused_elsewhere(tmp_path):
         make_config(**kw, opt='muon', ns_steps=0)
 
 
+def test_a_fork_keeps_the_optimiser_settings_it_was_given(tmp_path, capsys):
+    # --resume brings back the saved moments, not the saved settings: a fork's typed --momentum / --ns-steps hold
+    kw = dict(**TINY, recipe='small', seed=4, opt='muon', lr=4e-3)
+    train(make_config(**kw, epochs=1, output=str(tmp_path / 'a')))
+    start = tmp_path / 'a' / CHECKPOINT
+    train(make_config(**kw, epochs=2, resume=str(start), output=str(tmp_path / 'same')))
+    train(make_config(**kw, epochs=2, resume=str(start), ns_steps=2, momentum=0.8, output=str(tmp_path / 'fork')))
+    opt = torch.load(tmp_path / 'fork' / CHECKPOINT, weights_only=False)['optimizer']
+    assert all(g['ns_steps'] == 2 and g['momentum'] == 0.8 for g in opt['param_groups'])
+    assert any('momentum_buffer' in s for s in opt['state'].values())
+    assert max_param_diff(tmp_path / 'same', tmp_path / 'fork') > 0
+    # another optimiser at the fork: its own fresh state, not the other's moments
+    capsys.readouterr()
+    train(make_config(**{**kw, 'opt': 'adamw'}, epochs=2, resume=str(start), output=str(tmp_path / 'adamw')))
+    assert '--opt adamw at a resume of a muon run: its optimiser starts fresh' in capsys.readouterr().out
+    opt = torch.load(tmp_path / 'adamw' / CHECKPOINT, weights_only=False)['optimizer']
+    assert opt['state'] and all('exp_avg_sq' in s and 'momentum_buffer' not in s for s in opt['state'].values())
+
+
 @pytest.mark.parametrize('channels_last', [True, False])
 def test_channels_last_applies_on_cpu_and_checkpoints_load_either_way(tmp_path, channels_last):
     import timm

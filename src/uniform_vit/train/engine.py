@@ -466,8 +466,10 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     from .self_distill import SelfDistill
 
     resumed = _load_resume(cfg)
+    saved_opt = None
     if resumed:  # the run's own settings, with what the user typed now (kept in cfg) on top
         saved = config_from_dict(resumed[1]['config'])
+        saved_opt = saved.opt
         cfg = config_from_dict({**config_dict(saved), **{k: v for k, v in config_dict(cfg).items()
                                                           if k in _typed_keys(cfg)}})
         validate(cfg)
@@ -546,7 +548,17 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     if resumed:
         path, st = resumed
         _unwrap(model).load_state_dict(st['model'])
-        optimizer.load_state_dict(st['optimizer'])
+        if cfg.opt.lower() == str(saved_opt).lower():
+            # the saved moments, but the settings this run was built with: load_state_dict would bring back the
+            # saved groups' momentum, weight decay, betas, ns_steps..., silently undoing what a fork typed (the
+            # learning rate is the scheduler's, from cfg, whatever the groups hold)
+            own = [{k: v for k, v in g.items() if k not in ('params', 'lr', 'initial_lr')}
+                   for g in optimizer.param_groups]
+            optimizer.load_state_dict(st['optimizer'])
+            for group, settings in zip(optimizer.param_groups, own):
+                group.update(settings)
+        elif info.main:  # another optimiser's moments mean nothing to this one
+            print(f"--opt {cfg.opt} at a resume of a {saved_opt} run: its optimiser starts fresh", flush=True)
         if ema is not None:  # EMA turned on at a resume (a variant forked from a run without one): start it from the
             # resumed weights, not from the fresh initialisation it was copied from above
             ema.module.load_state_dict(st['model_ema'] if st.get('model_ema') is not None else st['model'])
