@@ -299,7 +299,18 @@ def test_a_fork_keeps_the_optimiser_settings_it_was_given(tmp_path, capsys):
     kw = dict(**TINY, recipe='small', seed=4, opt='muon', lr=4e-3)
     train(make_config(**kw, epochs=1, output=str(tmp_path / 'a')))
     start = tmp_path / 'a' / CHECKPOINT
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    first: dict[str, float] = {}  # each run's first step's learning rate
+
+    def record(name: str):
+        def hook(opt, args, kwargs):
+            first.setdefault(name, opt.param_groups[0]['lr'])
+        return register_optimizer_step_pre_hook(hook)
+
+    hook = record('same')
     train(make_config(**kw, epochs=2, resume=str(start), output=str(tmp_path / 'same')))
+    hook.remove()
     train(make_config(**kw, epochs=2, resume=str(start), ns_steps=2, momentum=0.8, output=str(tmp_path / 'fork')))
     opt = torch.load(tmp_path / 'fork' / CHECKPOINT, weights_only=False)['optimizer']
     assert all(g['ns_steps'] == 2 and g['momentum'] == 0.8 for g in opt['param_groups'])
@@ -307,10 +318,14 @@ def test_a_fork_keeps_the_optimiser_settings_it_was_given(tmp_path, capsys):
     assert max_param_diff(tmp_path / 'same', tmp_path / 'fork') > 0
     # another optimiser at the fork: its own fresh state, not the other's moments
     capsys.readouterr()
+    hook = record('adamw')
     train(make_config(**{**kw, 'opt': 'adamw'}, epochs=2, resume=str(start), output=str(tmp_path / 'adamw')))
+    hook.remove()
     assert '--opt adamw at a resume of a muon run: its optimiser starts fresh' in capsys.readouterr().out
     opt = torch.load(tmp_path / 'adamw' / CHECKPOINT, weights_only=False)['optimizer']
     assert opt['state'] and all('exp_avg_sq' in s and 'momentum_buffer' not in s for s in opt['state'].values())
+    # and it takes its first step at the schedule's rate, the one a plain resume restores, not at the warm-up rate
+    assert first['adamw'] == pytest.approx(first['same'], rel=1e-9) and first['same'] > 1e-3
 
 
 @pytest.mark.parametrize('channels_last', [True, False])

@@ -568,6 +568,9 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
             distill.load_state_dict(st['self_distill'])
         set_rng_state(st['rng'][info.rank] if info.rank < len(st['rng']) else st['rng'][0])
         start_epoch, history, train_seconds = st['epoch'] + 1, list(st['history']), float(st['train_seconds'])
+        # the learning rate where this run's schedule stands (what the saved groups hold, on a plain resume; a fork
+        # with another --lr or --opt would otherwise take its first step at the saved or the warm-up rate)
+        scheduler.step_update(start_epoch * updates_per_epoch)
         best = dict(st['best'])
         if info.main:
             print(f"resuming from {path}: epoch {start_epoch} of {cfg.epochs}", flush=True)
