@@ -484,3 +484,55 @@ def test_torchrun_two_gloo_processes_with_sam_stay_in_step(tmp_path):
     assert s['rank_weight_max_diff'] == 0.0
     with (out / 'metrics.csv').open() as fh:
         assert [row['sam'] for row in csv.DictReader(fh)] == ['1', '1']
+
+
+def test_epochs_in_budget_fits_caps_and_keeps_the_runs_shape():
+    from uniform_vit.train.engine import epochs_in_budget
+
+    def n(first_s: float, **kw) -> tuple[int, int]:
+        return epochs_in_budget(make_config(**TINY, **{'epochs': 53, 'time_budget': 60.0, **kw}), first_s)
+
+    assert n(121.0) == (29, 29)  # 3600 s // 121 s
+    assert n(60.0) == (53, 60)  # at most --epochs
+    assert n(4000.0) == (1, 0)  # over budget already: the one epoch trained
+    assert n(4000.0, no_aug_epochs=7) == (8, 0)  # an augmented first epoch, then the 7 plain ones
+    assert n(4000.0, no_aug_epochs=53) == (53, 0)  # all plain: the count stays
+    assert n(4000.0, sam_rho=0.05, sam_epochs=5) == (5, 0)
+    with pytest.raises(UserError, match='time_budget must be a positive number of minutes'):
+        make_config(**TINY, time_budget=0)
+    import argparse
+
+    from uniform_vit.cli.train import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(['--time-budget', '45.5']).time_budget == 45.5
+
+
+def test_time_budget_sets_the_epochs_and_schedule_after_the_first(tmp_path, capsys):
+    # a budget nothing fits in: the fewest epochs the run's shape allows (one augmented, one plain), said so; the
+    # first epoch is validated whatever --val-every says (its time is what the budget is divided by)
+    kw = dict(**{**TINY, 'train_samples': 128}, recipe='small', seed=3, lr=3e-3, no_aug_epochs=1)  # 8 steps: 3 warm
+    s = train(make_config(**kw, epochs=5, val_every=4, time_budget=1e-6, keep_every=1, output=str(tmp_path / 'b')))
+    out = capsys.readouterr().out
+    assert 'time budget 1e-06 min: an epoch takes' in out
+    assert 'so the run holds 2 epochs; 2 is the fewest this run' in out and 'epoch   2/2' in out
+    assert s['epochs'] == 2 and s['config']['epochs'] == 2 and s['config']['time_budget'] == 1e-6
+    rows = list(csv.DictReader((tmp_path / 'b' / 'metrics.csv').read_text().splitlines()))
+    assert [r['plain'] for r in rows] == ['0', '1'] and all(r['top1'] for r in rows)
+    # from the second epoch on, the schedule is a 2-epoch run's
+    ref = train(make_config(**kw, epochs=2, output=str(tmp_path / 'ref')))
+    ref_rows = list(csv.DictReader((tmp_path / 'ref' / 'metrics.csv').read_text().splitlines()))
+    assert float(rows[1]['lr']) == pytest.approx(float(ref_rows[1]['lr']), rel=1e-9)
+    assert float(rows[0]['lr']) != pytest.approx(float(ref_rows[0]['lr']), rel=1e-6)  # epoch 1: 5 epochs' cosine
+    assert ref['epochs'] == 2
+    # a resume keeps the count the budget set, and continues as the run itself did
+    capsys.readouterr()
+    train(make_config(**{k: v for k, v in kw.items() if k != 'no_aug_epochs'}, time_budget=60,
+                      resume=str(tmp_path / 'b' / 'checkpoint_epoch1.pth'), output=str(tmp_path / 'r')))
+    out = capsys.readouterr().out
+    assert 'epoch 1 of 2' in out and 'this resume keeps 2' in out and 'time budget' not in out
+    assert max_param_diff(tmp_path / 'b', tmp_path / 'r') == 0
+    # a budget with room to spare: --epochs caps it
+    s = train(make_config(**kw, epochs=2, time_budget=1e4, output=str(tmp_path / 'big')))
+    assert 'so the run holds 2 epochs (at most --epochs 2)' in capsys.readouterr().out and s['epochs'] == 2

@@ -9,6 +9,7 @@ EXAMPLES = """examples:
   uniform-vit train --model uniform_t --dataset fashion-mnist --recipe small --img-size 64 --epochs 12 --output runs/fm
   uniform-vit train --data-dir /data/imagenet --model uniform_s --epochs 300 --batch-size 256 --output runs/in1k
   uniform-vit train --config configs/fashion_mnist.yaml --epochs 3        (typed flags win over the file)
+  uniform-vit train --config configs/fashion_mnist.yaml --time-budget 60  (the epochs that fit an hour here)
   uniform-vit train --output runs/fm --resume                             (continue a killed run)
   uniform-vit train --data-dir pets --checkpoint runs/in1k/model_best.safetensors --recipe small --output runs/pets
   torchrun --nproc_per_node=8 -m uniform_vit.cli.main train --data-dir /data/imagenet --output runs/in1k
@@ -28,6 +29,9 @@ _HELP = {
                 'first moment is --betas A',
     'ns_steps': "Newton-Schulz iterations of Muon's orthogonalisation per step (--opt muon, nmuon, adamuon, "
                 "nadamuon; default timm's 5); 3 make a uniform_t step 1.10x faster on a 2-core CPU",
+    'time_budget': 'minutes for the whole run (training and validation) on this machine: the first epoch is timed '
+                   'and the run holds as many epochs as fit, at most --epochs (the schedule is set to that count '
+                   'from the second epoch; a resume keeps it). e.g. 60',
     'lr': 'peak learning rate (default: --base-lr x total batch / 512)',
     'output': 'run folder: checkpoint.pth, metrics.csv, summary.json, curves.png, model_best.safetensors',
     'checkpoint': 'initial weights; another class count re-initialises the head (fine-tuning)',

@@ -38,6 +38,7 @@ class TrainConfig:
     # schedule and optimiser (paper: AdamW, lr 1e-3 per 512 images, wd 0.025, 5 warm-up epochs, cosine to 1e-5)
     recipe: str = 'paper'
     epochs: int = 300
+    time_budget: float | None = None  # minutes: as many epochs as fit (at most epochs), from the first epoch's time
     batch_size: int = 256  # per process and per step; total = batch_size x processes x grad_accum
     grad_accum: int = 1
     lr: float | None = None  # None: base_lr x total batch / 512
@@ -170,6 +171,8 @@ def validate(cfg: TrainConfig, merged: bool = True) -> None:
     validates again."""
     checks = [
         (cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}"),
+        (cfg.time_budget is None or cfg.time_budget > 0,
+         f"time_budget must be a positive number of minutes (or unset), got {cfg.time_budget}"),
         (cfg.batch_size >= 1, f"batch size must be at least 1, got {cfg.batch_size}"),
         (cfg.grad_accum >= 1, f"grad_accum must be at least 1, got {cfg.grad_accum}"),
         (cfg.img_size >= 32, f"img_size must be at least 32 (UniForm downsamples 64x), got {cfg.img_size}"),

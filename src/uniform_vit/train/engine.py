@@ -8,6 +8,7 @@ therefore ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -192,6 +193,19 @@ def sam_epoch(cfg: TrainConfig, epoch: int) -> bool:
     """Whether ``epoch`` (0-based) takes sharpness-aware steps: ``sam_rho`` set, and in the last ``sam_epochs``
     (every epoch when that is unset)."""
     return cfg.sam_rho > 0 and epoch >= cfg.epochs - (cfg.sam_epochs or cfg.epochs)
+
+
+BUDGET_WARM_STEPS = 3  # --time-budget times the first epoch's steps after these (a kernel build, first-call set-up)
+
+
+def epochs_in_budget(cfg: TrainConfig, epoch_s: float) -> tuple[int, int]:
+    """(the epochs to train, the epochs that fit) for ``cfg.time_budget`` minutes at ``epoch_s`` seconds an epoch
+    with its validation: as many as fit, at most ``cfg.epochs``, and never fewer than the run's shape needs (its
+    first epoch already trained as an augmented one before the plain last ``no_aug_epochs``, and ``sam_epochs`` of
+    SAM) nor than the one already trained."""
+    fit = int(cfg.time_budget * 60 // max(epoch_s, 1e-9))
+    need = max(1, cfg.no_aug_epochs + (cfg.no_aug_epochs < cfg.epochs), cfg.sam_epochs or 0)
+    return max(min(fit, cfg.epochs), need), fit
 
 
 def epoch_img_size(cfg: TrainConfig, epoch: int) -> int:
@@ -466,12 +480,12 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     from .self_distill import SelfDistill
 
     resumed = _load_resume(cfg)
-    saved_opt = None
+    saved_opt, typed = None, _typed_keys(cfg)
     if resumed:  # the run's own settings, with what the user typed now (kept in cfg) on top
         saved = config_from_dict(resumed[1]['config'])
         saved_opt = saved.opt
         cfg = config_from_dict({**config_dict(saved), **{k: v for k, v in config_dict(cfg).items()
-                                                          if k in _typed_keys(cfg)}})
+                                                          if k in typed}})
         validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -518,10 +532,14 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
     if steps_per_epoch == 0:
         raise UserError(f"the training set ({len(train_ds)} images) is smaller than one batch per process")
     updates_per_epoch = math.ceil(steps_per_epoch / cfg.grad_accum)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=min(cfg.warmup_lr, lr), min_lr=min(cfg.min_lr, lr),  # a peak below them must not ramp upwards
-        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+
+    def make_scheduler(epochs: int):
+        return create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=min(cfg.warmup_lr, lr), min_lr=min(cfg.min_lr, lr),  # a peak below them must not ramp upwards
+            step_on_epochs=False, updates_per_epoch=updates_per_epoch)[0]
+
+    scheduler = make_scheduler(cfg.epochs)
     mixup = None
     # hard labels (with smoothing); Mixup/CutMix batches carry soft targets instead, except in the plain epochs
     hard: nn.Module = LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else nn.CrossEntropyLoss()
@@ -574,6 +592,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         best = dict(st['best'])
         if info.main:
             print(f"resuming from {path}: epoch {start_epoch} of {cfg.epochs}", flush=True)
+            if 'time_budget' in typed:
+                print(f"--time-budget sets the epochs after a run's first; this resume keeps {cfg.epochs}", flush=True)
         if start_epoch >= cfg.epochs:
             raise UserError(f"{path} already finished {start_epoch} epochs; raise --epochs to train longer")
 
@@ -613,7 +633,9 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
             all_reduce_sum(bad, info)
         return loss, bad
 
-    for epoch in range(start_epoch, cfg.epochs):
+    epoch = start_epoch
+    while epoch < cfg.epochs:  # (--time-budget sets cfg.epochs after the first)
+        budget_epoch = cfg.time_budget is not None and epoch == 0
         seed_everything(epoch_seed(cfg, epoch, info.rank))
         if (view := (epoch_img_size(cfg, epoch), plain_epoch(cfg, epoch))) != (size, plain):
             size, plain = view
@@ -626,6 +648,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
             order = torch.as_tensor(list(loader.sampler), dtype=torch.int64)
             alpha, loss_fn = distill.alpha_at(epoch, cfg.epochs), SoftTargetCrossEntropy()
         t0 = time.perf_counter()
+        t_warm, warm_steps = t0, 0
         ddp.train()
         loss_sum, seen, bad = torch.zeros((), dtype=torch.float64), 0, torch.zeros(())
         bar = _bar(len(loader) * cfg.batch_size * info.world_size, f'epoch {epoch + 1}/{cfg.epochs}',
@@ -633,6 +656,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with matmul_precision(precision):  # the steps only; evaluation stays at full precision
             for step, (x, y) in enumerate(loader):
+                if budget_epoch and step == BUDGET_WARM_STEPS and len(loader) > 2 * BUDGET_WARM_STEPS:
+                    t_warm, warm_steps = time.perf_counter(), step
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if cl:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -696,7 +721,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                                    img_per_s=float(totals[1]) / epoch_time, epoch_seconds=epoch_time, img_size=size,
                                    plain=int(plain), sam=int(sharp is not None),
                                    distill_alpha=alpha if distill is not None else 0.0)
-        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs or budget_epoch:
             res = evaluate(model, vl, num_classes, device, dtype, info, cl, cfg.progress, 'val')
             row.update(val_loss=res['loss'], top1=res['top1'], top5=res['top5'])
             winner, top1, top5 = model, res['top1'], res['top5']
@@ -709,6 +734,23 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
                 best = dict(top1=top1, top5=top5, epoch=epoch + 1, ema=winner is not model)
                 if info.main:
                     save_checkpoint(winner, out / BEST, meta)
+        if budget_epoch:  # the epochs the budget holds at this one's pace (the ranks' mean), the schedule to match:
+            # its steps past the first few, scaled to the whole epoch, and its validation
+            t_trained = t0 + epoch_time
+            steps = len(loader)
+            per_epoch = (t_trained - t_warm) * steps / (steps - warm_steps) + time.perf_counter() - t_trained
+            per_epoch = float(all_reduce_sum(torch.tensor([per_epoch], dtype=torch.float64), info)[0])
+            per_epoch /= info.world_size
+            n, fit = epochs_in_budget(cfg, per_epoch)
+            if info.main:
+                over = f"; {n} is the fewest this run's shape allows, over the budget" if fit < n else ''
+                cap = f" (at most --epochs {cfg.epochs})" if fit > n else ''
+                print(f"time budget {cfg.time_budget:g} min: an epoch takes {per_epoch:.0f} s with its validation "
+                      f"(timed on the first), so the run holds {n} epochs{cap}{over}", flush=True)
+            if n != cfg.epochs:
+                cfg = dataclasses.replace(cfg, epochs=n)
+                scheduler = make_scheduler(n)
+                scheduler.step_update(updates_per_epoch)
         history.append(row)
         if info.main:
             rngs = [rng_state()]
@@ -724,6 +766,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, info: DistInfo) -> dict:
             write_metrics(out, history)
             _epoch_line(row, cfg.epochs)
         barrier(info)
+        epoch += 1
 
     rank_diff = _rank_weight_diff(model, info)
     summary = dict(
