@@ -515,6 +515,7 @@ def test_time_budget_sets_the_epochs_and_schedule_after_the_first(tmp_path, caps
     kw = dict(**{**TINY, 'train_samples': 128}, recipe='small', seed=3, lr=3e-3, no_aug_epochs=1)  # 8 steps: 3 warm
     s = train(make_config(**kw, epochs=5, val_every=4, time_budget=1e-6, keep_every=1, output=str(tmp_path / 'b')))
     out = capsys.readouterr().out
+    assert 'up to 5 epochs, as many as fit 1e-06 min (the last 1 plain)' in out
     assert 'time budget 1e-06 min: an epoch takes' in out
     assert 'so the run holds 2 epochs; 2 is the fewest this run' in out and 'epoch   2/2' in out
     assert s['epochs'] == 2 and s['config']['epochs'] == 2 and s['config']['time_budget'] == 1e-6

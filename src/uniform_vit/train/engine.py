@@ -836,10 +836,12 @@ def _banner(cfg: TrainConfig, info: DistInfo, params: int, n_train: int, n_val: 
     if sizes[0] != cfg.img_size:  # progressive resizing (a run too short may never reach the full size)
         full = f", at {cfg.img_size} px from epoch {sizes.index(cfg.img_size) + 1}" if cfg.img_size in sizes else ''
         grow = f" (training from {sizes[0]} px{full})"
+    span = f"up to {cfg.epochs} epochs, as many as fit {cfg.time_budget:g} min" if cfg.time_budget else \
+        f"{cfg.epochs} epochs"
     print(f"{cfg.model} ({kind}{params / 1e6:.2f} M params, in_chans {in_chans}) | "
           f"{cfg.dataset or cfg.data_dir}: {n_train} train / {n_val} val at {cfg.img_size} px{grow} | "
           f"recipe {cfg.recipe} | "
-          f"{cfg.epochs} epochs{f' (the last {cfg.no_aug_epochs} plain)' if cfg.no_aug_epochs else ''}"
+          f"{span}{f' (the last {cfg.no_aug_epochs} plain)' if cfg.no_aug_epochs else ''}"
           f"{_sam_note(cfg)}"
           f"{f', self-distillation (PS-KD) alpha {cfg.self_distill:g}' if cfg.self_distill else ''}, "
           f"batch {total_batch} (= {cfg.batch_size} x {info.world_size} x {cfg.grad_accum}), "
